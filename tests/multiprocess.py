@@ -1,0 +1,293 @@
+"""Run a test function on several ranks of a gloo process group, one process per rank.
+
+Distributed code cannot be tested in a single process: each rank needs its own
+process and the ranks must talk to each other. ``run_on_ranks`` starts
+``world_size`` processes on this machine, joins them into a gloo process group
+over loopback (127.0.0.1), runs the same function in each and returns what every
+rank returned, in rank order::
+
+    from tests.multiprocess import run_on_ranks
+
+    def _sum_of_ranks(rank, world_size):
+        value = torch.tensor([float(rank)])
+        torch.distributed.all_reduce(value)
+        return value
+
+    def test_sum_of_ranks():
+        assert [v.item() for v in run_on_ranks(_sum_of_ranks, 2)] == [1.0, 1.0]
+
+How the children find the function
+-----------------------------------
+Processes are started with the "spawn" method (a fresh interpreter, no fork),
+because forking a process that already initialised torch's thread pools is
+unsafe. A spawned child receives the function *by name* (module and qualified
+name), so the function must be defined at module level, not inside a test or a
+lambda, and its module must be importable in the child.
+
+``tests/`` is a package (it has an empty ``__init__.py``). With pytest's default
+import mode ("prepend"), ``python -m pytest tests`` run from the repository root
+imports test files as ``tests.test_something`` and puts the repository root on
+``sys.path``; the spawn method copies the parent's ``sys.path`` into each child,
+so the child can import ``tests.test_something`` and find the function. Import
+helpers in test files as ``from tests.multiprocess import run_on_ranks`` (a bare
+``import multiprocess`` could pick up the unrelated PyPI package of that name).
+``--import-mode=importlib`` is not supported: it does not make test modules
+importable by name.
+
+What each rank gets
+-------------------
+* ``torch.distributed`` initialised with the gloo backend, ``rank`` and
+  ``world_size``, through ``tcp://127.0.0.1:<free port>``;
+* ``torch.manual_seed(0)``, so every rank draws the same random numbers;
+* one intra-op and one inter-op thread, so that two ranks fit on a two-core
+  machine without oversubscription.
+
+What comes back
+---------------
+Return values travel back as plain pickled bytes through a pipe, never through
+shared memory, so the child can exit as soon as it has sent them. Tensors
+(also inside lists, tuples and dicts) are detached, moved to the CPU and cloned
+first, so views and tensors that require gradients are safe to return.
+
+If a rank raises, its full traceback text is sent back through the same pipe
+(and also printed to its stderr), so it reaches the parent even when pytest
+captures or loses the children's output. ``run_on_ranks`` then raises
+``RankFailure`` (a ``RuntimeError``) naming the rank and containing that text.
+A rank that dies without a word (a crash, ``os._exit``) is reported with its
+exit code. After the first failure the other ranks get a few seconds to report
+their own errors, then they are killed, so a rank stuck in a collective waiting
+for a dead peer cannot hang the test run. The whole call is bounded by
+``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import socket
+import sys
+import time
+import traceback
+from multiprocessing import get_context
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["RankFailure", "run_on_ranks"]
+
+# After one rank failed, how long the others may take to report their own
+# failure (often the more telling one) before they are killed.
+FAILURE_GRACE_SECONDS = 10.0
+
+# How long a rank that already sent its result may take to exit before it is killed.
+EXIT_GRACE_SECONDS = 30.0
+
+# Gloo picks its network interface from the host name by default, which in
+# containers can resolve to an address that is not reachable; pin loopback.
+_LOOPBACK_INTERFACE = "lo0" if sys.platform == "darwin" else "lo"
+
+# How many times to retry with a new port when another process took the free
+# port between choosing it and binding it.
+_PORT_ATTEMPTS = 3
+
+
+class RankFailure(RuntimeError):
+    """One or more ranks raised, crashed or did not finish in time."""
+
+
+def run_on_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 300,
+    **kwargs: Any,
+) -> list[Any]:
+    """Call ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks.
+
+    Returns the ranks' return values in rank order. Raises ``RankFailure`` with
+    the rank number and the remote traceback if any rank fails, or if the ranks
+    do not all finish within ``timeout`` seconds.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    for attempt in range(_PORT_ATTEMPTS):
+        try:
+            return _launch(fn, world_size, args, kwargs, timeout)
+        except RankFailure as failure:
+            port_was_taken = "address already in use" in str(failure).lower()
+            if not port_was_taken or attempt == _PORT_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _launch(fn, world_size, args, kwargs, timeout) -> list[Any]:
+    """Start one process per rank, collect one message from each, clean up."""
+    context = get_context("spawn")
+    init_method = f"tcp://127.0.0.1:{_find_free_port()}"
+    processes = []
+    receivers: dict[Connection, int] = {}
+    reported_ranks: set[int] = set()
+    try:
+        for rank in range(world_size):
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(
+                target=_rank_main,
+                args=(fn, rank, world_size, init_method, timeout, sender, args, kwargs),
+                name=f"rank-{rank}",
+                daemon=True,
+            )
+            process.start()
+            # Keep only the reading end here: once the child exits, its writing
+            # end closes and the reader sees end-of-file instead of waiting forever.
+            sender.close()
+            processes.append(process)
+            receivers[receiver] = rank
+        results, failures = _collect(receivers, processes, timeout, reported_ranks)
+    finally:
+        _stop(processes, reported_ranks)
+        for receiver in receivers:
+            receiver.close()
+
+    if failures:
+        # Failures are listed in the order they arrived: the first one is
+        # usually the cause, later ones often just peers losing their connection.
+        first_rank = next(iter(failures))
+        timed_out = failures[first_rank].startswith("did not finish")
+        report = "\n\n".join(
+            f"rank {rank} of {world_size} failed"
+            f"{' first' if rank == first_rank and not timed_out else ''}:\n{text}"
+            for rank, text in failures.items()
+        )
+        raise RankFailure(f"run_on_ranks({getattr(fn, '__qualname__', fn)!r}) failed\n\n{report}")
+    return [results[rank] for rank in range(world_size)]
+
+
+def _collect(receivers: dict[Connection, int], processes, timeout: float, reported_ranks: set[int]):
+    """Wait for one message per rank; stop waiting soon after some rank has failed.
+
+    Adds every rank that sent a message (or exited) to ``reported_ranks``.
+    """
+    world_size = len(processes)
+    deadline = time.monotonic() + timeout
+    results: dict[int, Any] = {}
+    failures: dict[int, str] = {}  # In order of arrival.
+    pending = dict(receivers)
+    while pending:
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        ready = wait(list(pending), timeout=deadline - now)
+        for receiver in ready:
+            rank = pending.pop(receiver)
+            reported_ranks.add(rank)
+            try:
+                kind, payload = pickle.loads(receiver.recv_bytes())
+            except EOFError:
+                processes[rank].join(timeout=5)
+                failures[rank] = (
+                    f"the process exited with code {processes[rank].exitcode} "
+                    "without sending a result or a traceback (crashed or killed?)"
+                )
+                continue
+            if kind == "result":
+                results[rank] = pickle.loads(payload)
+            else:
+                failures[rank] = payload
+        if failures:
+            # Give the other ranks a short, bounded time to report too.
+            deadline = min(deadline, time.monotonic() + FAILURE_GRACE_SECONDS)
+    timed_out = not failures
+    for rank in sorted(pending.values()):
+        if timed_out:
+            failures[rank] = f"did not finish within {timeout} seconds; killed"
+        else:
+            failures[rank] = "killed while still running, after another rank had failed"
+    return results, failures
+
+
+def _stop(processes, reported_ranks: set[int]) -> None:
+    """Let ranks that reported exit on their own; terminate, then kill, the rest."""
+    deadline = time.monotonic() + EXIT_GRACE_SECONDS
+    for rank in sorted(reported_ranks):
+        processes[rank].join(timeout=max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _find_free_port() -> int:
+    """Ask the operating system for a TCP port that is free right now on loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------
+# Code below runs in the spawned child processes.
+# ---------------------------------------------------------------------------
+
+
+def _rank_main(fn, rank, world_size, init_method, timeout, sender, args, kwargs) -> None:
+    """Entry point of one rank: set up, run ``fn``, send back its result or traceback."""
+    try:
+        _set_up_rank(rank, world_size, init_method, timeout)
+        result = fn(rank, world_size, *args, **kwargs)
+        # Plain pickle copies tensor data into the bytes (no shared memory), so
+        # the result stays valid after this process exits.
+        message = ("result", pickle.dumps(_detached(result)))
+    except BaseException:
+        text = traceback.format_exc()
+        print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
+        message = ("error", text)
+    # Send before tearing down the process group, so nothing that might hang
+    # during teardown can hold the message back.
+    sender.send_bytes(pickle.dumps(message))
+    sender.close()
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+    if message[0] == "error":
+        sys.exit(1)
+
+
+def _set_up_rank(rank, world_size, init_method, timeout) -> None:
+    """Limit threads, seed the random generators and join the process group."""
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # Only allowed before any inter-op work; harmless to skip.
+    torch.manual_seed(0)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", _LOOPBACK_INTERFACE)
+    dist.init_process_group(
+        "gloo",
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+
+
+def _detached(value: Any) -> Any:
+    """Copy tensors out of autograd and off any device, also inside containers."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, list):
+        return [_detached(item) for item in value]
+    if isinstance(value, tuple):
+        items = [_detached(item) for item in value]
+        # Named tuples take their fields as separate arguments.
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return {key: _detached(item) for key, item in value.items()}
+    return value

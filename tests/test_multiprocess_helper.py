@@ -1,0 +1,63 @@
+"""Tests of tests/multiprocess.py, the helper that runs a function on several ranks.
+
+The functions handed to ``run_on_ranks`` live at module level because spawned
+processes import them by name.
+"""
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.multiprocess import RankFailure, run_on_ranks
+
+
+def _all_reduce_rank_plus_one(rank, world_size):
+    value = torch.tensor([float(rank + 1)], requires_grad=False)
+    dist.all_reduce(value)
+    # Same seed on every rank, so the same random numbers.
+    return {"sum": value, "random": torch.rand(3), "world_size": dist.get_world_size()}
+
+
+def test_all_reduce_sums_over_two_ranks_and_seeds_alike():
+    results = run_on_ranks(_all_reduce_rank_plus_one, 2)
+
+    assert len(results) == 2
+    for result in results:
+        assert result["sum"].item() == 3.0
+        assert result["world_size"] == 2
+    assert torch.equal(results[0]["random"], results[1]["random"])
+
+
+def _raise_on_rank_one(rank, world_size, message):
+    if rank == 1:
+        raise ValueError(message)
+    return rank
+
+
+def test_rank_that_raises_reports_rank_and_traceback():
+    with pytest.raises(RankFailure) as failure:
+        run_on_ranks(_raise_on_rank_one, 2, "deliberate failure from the test")
+
+    text = str(failure.value)
+    assert "rank 1 of 2 failed first" in text
+    assert "ValueError: deliberate failure from the test" in text
+    assert "Traceback" in text and "_raise_on_rank_one" in text
+    assert "rank 0 of 2 failed" not in text
+
+
+def _rank_one_crashes_while_rank_zero_waits(rank, world_size):
+    if rank == 1:
+        os._exit(7)  # Dies without a traceback, like a segmentation fault would.
+    dist.all_reduce(torch.ones(1))  # Never completes: rank 1 is gone.
+
+
+def test_crashed_rank_does_not_hang_the_others():
+    started = time.monotonic()
+    with pytest.raises(RankFailure, match="rank 1 of 2 failed") as failure:
+        run_on_ranks(_rank_one_crashes_while_rank_zero_waits, 2, timeout=120)
+
+    assert "exited with code 7" in str(failure.value)
+    assert time.monotonic() - started < 60
