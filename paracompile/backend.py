@@ -1,0 +1,61 @@
+"""The `paracompile` torch.compile backend.
+
+torch calls `paracompile_backend(graph_module, example_inputs, options=...)` with Dynamo's graph. The
+backend traces it to aten ops, runs the passes, and hands the result to Inductor (or runs it as is with
+`compiler="eager"`).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from paracompile.explain import Report
+from paracompile.mesh import resolve_mesh
+from paracompile.options import Options, parse_options
+from paracompile.passes.shard_tokens import attention_nodes, shard_tokens
+from paracompile.passes.trace_to_aten import trace_to_aten
+from paracompile.passes.ulysses_attention import rewrite_attention
+
+logger = logging.getLogger("paracompile")
+
+# The most recent reports, newest last, for tests and for users who want them as text.
+explanations: list[str] = []
+
+
+def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None) -> Callable:
+    parsed = parse_options(options)
+    plan = resolve_mesh(parsed.mesh)
+    if plan.world_size == 1:
+        return compile_graph(gm, example_inputs, parsed)
+
+    aten_graph = trace_to_aten(gm, example_inputs)
+    if not attention_nodes(aten_graph.graph):
+        warnings.warn("paracompile: the graph has no scaled_dot_product_attention; nothing to parallelise, "
+                      "compiling it replicated on every rank", stacklevel=2)
+        return compile_graph(gm, example_inputs, parsed)
+
+    report = Report(world=plan.describe())
+    sharded = shard_tokens(aten_graph, plan.ulysses, report, rewrite_attention, strict_ulysses=plan.explicit)
+    sharded.graph.eliminate_dead_code()
+    sharded.recompile()
+    explanations.append(report.format())
+    if parsed.explain:
+        report.emit()
+    return compile_graph(sharded, example_inputs, parsed)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) -> Callable:
+    if options.compiler == "eager":
+        return gm.forward
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches: dict[str, Any] = {}
+    if options.mode is not None:
+        patches.update(list_mode_options(options.mode))
+    patches.update(options.inductor)
+    return compile_fx(gm, example_inputs, config_patches=patches)

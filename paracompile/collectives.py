@@ -1,0 +1,185 @@
+"""Graph fragments that move a token axis between layouts: slice, gather, and the Ulysses all-to-all.
+
+Every function here emits nodes through a GraphBuilder and works for uneven segment lengths, including
+ranks that hold no tokens of a segment. Collectives are functional collectives (`_c10d_functional`), so
+they stay visible to Inductor, which can schedule them against compute.
+
+Padded rank-major order: to exchange shards of unequal length, each rank pads its piece of segment j to
+chunk_j = ceil(length_j / ranks) tokens. A tensor that holds every rank's padded shard, rank after rank,
+is in padded rank-major order; `rank_major_to_global` turns it into the global token order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from paracompile.graph_builder import GraphBuilder, GraphSize
+from paracompile.passes.token_layout import TokenLayout, known_divisible
+
+aten = torch.ops.aten
+functional = torch.ops._c10d_functional
+
+
+@dataclass(frozen=True)
+class ProcessGroupInfo:
+    """One dimension of the mesh as the graph sees it: its size, this rank's place in it, its name."""
+
+    size: int
+    rank: int
+    group_name: str
+
+
+class SegmentArithmetic:
+    """Per-segment sizes of a layout on this rank, as values of the new graph."""
+
+    def __init__(self, builder: GraphBuilder, layout: TokenLayout, group: ProcessGroupInfo):
+        self.builder = builder
+        self.layout = layout
+        self.group = group
+        self.lengths = [builder.size(s) for s in layout.segments]
+        self.chunks = [builder.ceildiv(length, group.size) for length in self.lengths]
+
+    @property
+    def evenly_split(self) -> bool:
+        return all(known_divisible(s, self.group.size) for s in self.layout.segments)
+
+    def global_offsets(self) -> list[GraphSize]:
+        return _running_offsets(self.builder, self.lengths)
+
+    def chunk_offsets(self) -> list[GraphSize]:
+        return _running_offsets(self.builder, self.chunks)
+
+    def local_lengths(self) -> list[GraphSize]:
+        b, rank = self.builder, self.group.rank
+        lengths = []
+        for length, chunk in zip(self.lengths, self.chunks):
+            remaining = b.sub(length, b.mul(chunk, rank))
+            lengths.append(b.maximum(0, b.minimum(chunk, remaining)))
+        return lengths
+
+    def local_offsets(self) -> list[GraphSize]:
+        return _running_offsets(self.builder, self.local_lengths())
+
+    def local_length(self) -> GraphSize:
+        return self.builder.total(self.local_lengths())
+
+
+def _running_offsets(builder: GraphBuilder, sizes: list[GraphSize]) -> list[GraphSize]:
+    offsets, running = [], 0
+    for size in sizes:
+        offsets.append(running)
+        running = builder.add(running, size)
+    return offsets
+
+
+def slice_to_layout(builder: GraphBuilder, tensor: fx.Node, layout: TokenLayout, group: ProcessGroupInfo) -> fx.Node:
+    """Replicated full tensor -> this rank's shard. Only slicing: no communication."""
+    sizes = SegmentArithmetic(builder, layout, group)
+    pieces = []
+    for offset, length, chunk in zip(sizes.global_offsets(), sizes.lengths, sizes.chunks):
+        segment = tensor
+        if len(layout.segments) > 1:
+            segment = builder.narrow(tensor, layout.dim, offset, length)
+        start = builder.mul(chunk, group.rank)
+        # aten.slice clamps start and end to the segment, which gives the ragged last shards.
+        pieces.append(builder.call(aten.slice.Tensor, segment, layout.dim, start, builder.add(start, chunk)))
+    return builder.cat(pieces, layout.dim)
+
+
+def pad_to_chunks(builder: GraphBuilder, tensor: fx.Node, ndim: int, layout: TokenLayout,
+                  group: ProcessGroupInfo) -> fx.Node:
+    """Local shard -> local shard with every segment piece zero-padded to its chunk length."""
+    sizes = SegmentArithmetic(builder, layout, group)
+    if sizes.evenly_split:
+        return tensor
+    pieces = []
+    for offset, length, chunk in zip(sizes.local_offsets(), sizes.local_lengths(), sizes.chunks):
+        piece = tensor if len(layout.segments) == 1 else builder.narrow(tensor, layout.dim, offset, length)
+        pieces.append(builder.pad_end(piece, layout.dim, ndim, builder.sub(chunk, length)))
+    return builder.cat(pieces, layout.dim)
+
+
+def unpad_chunks(builder: GraphBuilder, tensor: fx.Node, layout: TokenLayout, group: ProcessGroupInfo) -> fx.Node:
+    """Inverse of pad_to_chunks."""
+    sizes = SegmentArithmetic(builder, layout, group)
+    if sizes.evenly_split:
+        return tensor
+    pieces = [builder.narrow(tensor, layout.dim, offset, length)
+              for offset, length in zip(sizes.chunk_offsets(), sizes.local_lengths())]
+    return builder.cat(pieces, layout.dim)
+
+
+def rank_major_to_global(builder: GraphBuilder, tensor: fx.Node, layout: TokenLayout,
+                         group: ProcessGroupInfo) -> fx.Node:
+    """Padded rank-major order along layout.dim -> global token order, padding dropped."""
+    sizes = SegmentArithmetic(builder, layout, group)
+    if len(layout.segments) == 1 and sizes.evenly_split:
+        return tensor
+    dim = layout.dim
+    by_rank = builder.call(aten.unflatten.int, tensor, dim, [group.size, builder.total(sizes.chunks)])
+    pieces = []
+    for offset, chunk, length in zip(sizes.chunk_offsets(), sizes.chunks, sizes.lengths):
+        piece = builder.narrow(by_rank, dim + 1, offset, chunk)
+        piece = builder.call(aten.flatten.using_ints, piece, dim, dim + 1)
+        pieces.append(builder.narrow(piece, dim, 0, length))
+    return builder.cat(pieces, dim)
+
+
+def global_to_rank_major(builder: GraphBuilder, tensor: fx.Node, ndim: int, layout: TokenLayout,
+                         group: ProcessGroupInfo) -> fx.Node:
+    """Global token order along layout.dim -> padded rank-major order (the inverse of the above)."""
+    sizes = SegmentArithmetic(builder, layout, group)
+    if len(layout.segments) == 1 and sizes.evenly_split:
+        return tensor
+    dim = layout.dim
+    pieces = []
+    for offset, length, chunk in zip(sizes.global_offsets(), sizes.lengths, sizes.chunks):
+        piece = tensor if len(layout.segments) == 1 else builder.narrow(tensor, dim, offset, length)
+        piece = builder.pad_end(piece, dim, ndim, builder.sub(builder.mul(chunk, group.size), length))
+        pieces.append(builder.call(aten.unflatten.int, piece, dim, [group.size, chunk]))
+    by_rank = builder.cat(pieces, dim + 1)
+    return builder.call(aten.flatten.using_ints, by_rank, dim, dim + 1)
+
+
+def gather(builder: GraphBuilder, tensor: fx.Node, ndim: int, layout: TokenLayout, group: ProcessGroupInfo) -> fx.Node:
+    """This rank's shard -> the replicated full tensor in global order (one all-gather)."""
+    padded = pad_to_chunks(builder, tensor, ndim, layout, group)
+    leading = builder.call(aten.movedim.int, padded, layout.dim, 0) if layout.dim != 0 else padded
+    leading = builder.call(aten.contiguous.default, leading)
+    gathered = builder.call(functional.all_gather_into_tensor.default, leading, group.size, group.group_name)
+    gathered = builder.call(functional.wait_tensor.default, gathered)
+    ordered = rank_major_to_global(builder, gathered, layout.at_dim(0), group)
+    return builder.call(aten.movedim.int, ordered, 0, layout.dim) if layout.dim != 0 else ordered
+
+
+def all_to_all(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo) -> fx.Node:
+    """All-to-all over a leading dim of size group.size: slice i goes to rank i, slot i comes from rank i."""
+    tensor = builder.call(aten.contiguous.default, tensor)
+    splits = [1] * group.size
+    exchanged = builder.call(functional.all_to_all_single.default, tensor, splits, splits, group.group_name)
+    return builder.call(functional.wait_tensor.default, exchanged)
+
+
+def scatter_heads_gather_tokens(builder: GraphBuilder, tensor: fx.Node, head_dim: int, token_dim: int,
+                                group: ProcessGroupInfo) -> fx.Node:
+    """Ulysses' first all-to-all: [.., H, .., C, ..] (local padded tokens, all heads) ->
+    [.., H / ranks, .., ranks * C, ..] (this rank's head group, every rank's tokens in padded rank-major order)."""
+    by_group = builder.call(aten.unflatten.int, tensor, head_dim, [group.size, -1])
+    leading = builder.call(aten.movedim.int, by_group, head_dim, 0)
+    exchanged = all_to_all(builder, leading, group)
+    # dims are now [source rank, ..., H / ranks (at head_dim + 1), ..., C (at token_dim + 1), ...]
+    rank_next_to_tokens = builder.call(aten.movedim.int, exchanged, 0, token_dim)
+    return builder.call(aten.flatten.using_ints, rank_next_to_tokens, token_dim, token_dim + 1)
+
+
+def scatter_tokens_gather_heads(builder: GraphBuilder, tensor: fx.Node, head_dim: int, token_dim: int,
+                                group: ProcessGroupInfo) -> fx.Node:
+    """Ulysses' second all-to-all, the inverse of scatter_heads_gather_tokens."""
+    by_rank = builder.call(aten.unflatten.int, tensor, token_dim, [group.size, -1])
+    leading = builder.call(aten.movedim.int, by_rank, token_dim, 0)
+    exchanged = all_to_all(builder, leading, group)
+    # dims are now [head group, ..., H / ranks (at head_dim + 1), ..., C, ...]
+    groups_next_to_heads = builder.call(aten.movedim.int, exchanged, 0, head_dim)
+    return builder.call(aten.flatten.using_ints, groups_next_to_heads, head_dim, head_dim + 1)

@@ -1,0 +1,48 @@
+"""The backend's options: the dict passed as `torch.compile(..., options={...})`, checked and typed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+MESH_DIM_NAMES = ("batch", "ring", "ulysses")
+COMPILERS = ("inductor", "eager")
+
+
+@dataclass
+class Options:
+    """See the options table in README.md."""
+
+    mesh: Any = "auto"
+    threshold: float = 0.0
+    compiler: str = "inductor"
+    mode: Optional[str] = None
+    inductor: dict = field(default_factory=dict)
+    explain: bool = False
+
+
+_TYPES = {
+    "threshold": (int, float),
+    "compiler": (str,),
+    "mode": (str, type(None)),
+    "inductor": (dict,),
+    "explain": (bool,),
+}
+
+
+def parse_options(raw: Optional[dict]) -> Options:
+    """Checks every key and value; a mistake raises ValueError naming the key and what is valid."""
+    raw = dict(raw or {})
+    valid = [f.name for f in fields(Options)]
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        raise ValueError(f"paracompile: unknown option(s) {unknown}; valid options are {valid}")
+    for key, types in _TYPES.items():
+        if key in raw and (not isinstance(raw[key], types) or (key != "explain" and isinstance(raw[key], bool))):
+            expected = " or ".join(t.__name__ for t in types)
+            raise ValueError(f"paracompile: option '{key}' must be {expected}, got {raw[key]!r}")
+    options = Options(**raw)
+    if options.compiler not in COMPILERS:
+        raise ValueError(f"paracompile: option 'compiler' must be one of {list(COMPILERS)}, got {options.compiler!r}")
+    if options.threshold < 0:
+        raise ValueError(f"paracompile: option 'threshold' must be >= 0, got {options.threshold!r}")
+    return options

@@ -1,0 +1,399 @@
+"""Token-axis sharding: the pass that makes a graph run on token shards.
+
+Invariant after the pass: the returned graph, run on every rank of the sequence-parallel group with the
+same full inputs, returns the same full outputs as the original graph. In between, every op that acts
+on tokens independently runs on this rank's token shard; the only communication is inside attention
+(see ulysses_attention.py) and where a value leaves the token-local region (an all-gather). Sizes held
+by SymInt nodes keep their global meaning; ops whose arguments spell out token counts get local ones.
+
+How it works:
+1. Demand analysis (backward): from the q, k and v of every self-attention, walk back through the ops
+   that have a rule, finding the dim that holds the token axis in every producer. Nodes reached this way
+   whose own inputs do not carry the axis (graph inputs, `arange`, the flatten after a patch
+   embedding) are where shards are first cut.
+2. Rewrite (forward, in graph order): every node runs on shards when the rules say so, with its inputs
+   converted as needed: a replicated input is sliced (free), a sharded input that an op needs whole is
+   gathered (reported), a shard with another segment split is re-cut.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import sympy
+import torch
+import torch.fx as fx
+
+from paracompile import collectives
+from paracompile.collectives import ProcessGroupInfo, SegmentArithmetic
+from paracompile.explain import Report, describe_node
+from paracompile.graph_builder import GraphBuilder
+from paracompile.passes.sharding_rules import (NOT_TOKEN_LOCAL, OpView, Sharding, is_tensor_node, rule_for)
+from paracompile.passes.token_layout import TokenLayout, same_size
+
+aten = torch.ops.aten
+ATTENTION = aten.scaled_dot_product_attention.default
+
+
+def attention_nodes(graph: fx.Graph) -> list[fx.Node]:
+    return [node for node in graph.nodes if node.op == "call_function" and node.target is ATTENTION]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Demand analysis
+
+def find_token_dims(graph: fx.Graph) -> dict[fx.Node, int]:
+    """For each node that feeds the token axis of some self-attention: the dim of its token axis."""
+    demands: dict[fx.Node, int] = {}
+    worklist: list[fx.Node] = []
+
+    def demand(node: fx.Node, dim: int) -> None:
+        if node not in demands:
+            demands[node] = dim
+            worklist.append(node)
+
+    for node in attention_nodes(graph):
+        view = OpView(node, lambda _: None)
+        query, key = view["query"], view["key"]
+        token_dim = len(view.shape(query)) - 2
+        demand(query, token_dim)
+        if same_size(view.shape(query)[token_dim], view.shape(key)[token_dim]):
+            # Self or joint attention. Cross-attention keeps its (short) keys and values replicated,
+            # which needs no communication at all.
+            demand(key, token_dim)
+            demand(view["value"], token_dim)
+
+    while worklist:
+        node = worklist.pop()
+        dim = demands[node]
+        if node.op != "call_function":
+            continue
+        if node.target is __import__("operator").getitem:
+            demand(node.args[0], dim)
+            continue
+        rule = rule_for(node)
+        if rule is None or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        for producer in _tensor_inputs(node):
+            if producer in demands:
+                continue
+            shape = producer.meta["val"].shape
+            for candidate in range(len(shape)):
+                if same_size(shape[candidate], 1):
+                    continue
+                trial = {producer: TokenLayout(candidate, (shape[candidate],))}
+                try:
+                    sharding = rule(OpView(node, trial.get))
+                except Exception:  # a rule that cannot reason about this combination: no demand
+                    sharding = None
+                if sharding is None:
+                    continue
+                output = sharding.output[0] if isinstance(sharding.output, list) else sharding.output
+                if output is not None and output.dim == dim:
+                    demand(producer, candidate)
+                    break
+    return demands
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    found = []
+    for value in list(node.args) + list(node.kwargs.values()):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        found.extend(v for v in values if is_tensor_node(v) and v not in found)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Rewrite
+
+@dataclass
+class Value:
+    """What the new graph holds for one tensor of the old graph: its full value, its shard, or both."""
+
+    ndim: int
+    replicated: Optional[fx.Node] = None
+    sharded: Optional[fx.Node] = None
+    layout: Optional[TokenLayout] = None
+    resliced: dict = field(default_factory=dict)
+
+
+class LocalShard:
+    """Answers a rule's patch about this rank's shard of one layout (sizes as values of the new graph)."""
+
+    def __init__(self, builder: GraphBuilder, layout: TokenLayout, group: ProcessGroupInfo):
+        self.sizes = SegmentArithmetic(builder, layout, group)
+        self.builder = builder
+
+    @property
+    def length(self):
+        return self.sizes.local_length()
+
+    def segment_lengths(self):
+        return self.sizes.local_lengths()
+
+    def segment_offsets(self):
+        return self.sizes.local_offsets()
+
+    def segment_ends(self):
+        return [self.builder.add(o, n) for o, n in zip(self.sizes.local_offsets(), self.sizes.local_lengths())]
+
+
+class TokenShardingRewriter:
+    def __init__(self, gm: fx.GraphModule, group: ProcessGroupInfo, report: Report, attention_strategy,
+                 strict_ulysses: bool = False, demands: Optional[dict] = None,
+                 source_segments: Optional[dict] = None):
+        self.gm = gm
+        self.group = group
+        self.report = report
+        self.attention_strategy = attention_strategy
+        self.strict_ulysses = strict_ulysses
+        self.graph = fx.Graph()
+        self.builder = GraphBuilder(self.graph, {})
+        self.env: dict[fx.Node, Any] = {}
+        self.demands = find_token_dims(gm.graph) if demands is None else demands
+        # Where a shard was cut with one segment split and later needed with another, the next round
+        # cuts it with the split its users need (see better_source_segments).
+        self.source_segments: dict[fx.Node, tuple] = dict(source_segments or {})
+        self.cut_sources: set[fx.Node] = set()
+        self.resplits: list[tuple[fx.Node, TokenLayout]] = []
+
+    # Conversions between representations -------------------------------------------------------
+    def replicated(self, node: fx.Node, reason: str) -> fx.Node:
+        value = self.env[node]
+        if not isinstance(value, Value):
+            return value
+        if value.replicated is None:
+            value.replicated = collectives.gather(self.builder, value.sharded, value.ndim, value.layout, self.group)
+            self.report.gathers.append(f"{node.name}: {reason}")
+        return value.replicated
+
+    def sharded(self, node: fx.Node, layout: TokenLayout, reason: str) -> fx.Node:
+        value = self.env[node]
+        if value.layout is not None and value.layout == layout:
+            return value.sharded
+        key = layout.key()
+        if key not in value.resliced:
+            source = value.replicated
+            if source is None:
+                self.resplits.append((node, layout))
+                source = self.replicated(node, f"re-split for {reason}")
+            value.resliced[key] = collectives.slice_to_layout(self.builder, source, layout, self.group)
+        return value.resliced[key]
+
+    def better_source_segments(self) -> dict[fx.Node, tuple]:
+        """For each re-split of this round: the source whose cut, made with the needed segments instead,
+        would have made the re-split unnecessary. A source qualifies when the re-split value descends from
+        it through ops that kept the segments unchanged."""
+        better = dict(self.source_segments)
+        for node, needed in self.resplits:
+            have = self.layout_of(node)
+            if have is None or not same_size(have.length, needed.length):
+                continue
+            frontier, seen = [node], set()
+            while frontier:
+                current = frontier.pop()
+                if current in seen:
+                    continue
+                seen.add(current)
+                if current in self.cut_sources:
+                    if current not in better:
+                        better[current] = needed.segments
+                    continue
+                for producer in _tensor_inputs(current):
+                    layout = self.layout_of(producer)
+                    if layout is not None and layout.same_split(have):
+                        frontier.append(producer)
+        return better
+
+    def layout_of(self, node: fx.Node) -> Optional[TokenLayout]:
+        value = self.env.get(node)
+        return value.layout if isinstance(value, Value) else None
+
+    # Driver -------------------------------------------------------------------------------------
+    def run(self) -> fx.GraphModule:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                new = self.graph.placeholder(node.target)
+                new.meta.update(node.meta)
+                self._bind(node, new)
+                value = node.meta.get("val")
+                if isinstance(value, torch.SymInt) and isinstance(value.node.expr, sympy.Symbol):
+                    self.builder.symbol_values[value.node.expr] = new
+            elif node.op == "get_attr":
+                self._bind(node, self.graph.get_attr(node.target))
+            elif node.op == "output":
+                self._output(node)
+            elif node.target is ATTENTION:
+                self.attention_strategy(self, node)
+            else:
+                self._call(node)
+        # Tensor sizes of placeholders can name symbols that are no graph input of their own.
+        return fx.GraphModule(self.gm, self.graph)
+
+    def _bind(self, node: fx.Node, new: fx.Node) -> None:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            self.env[node] = Value(value.dim(), replicated=new)
+            self._cut_if_demanded(node)
+        else:
+            self.env[node] = new
+
+    def _cut_if_demanded(self, node: fx.Node) -> None:
+        """The token axis starts here: keep the full value for other users and cut this rank's shard."""
+        value = self.env[node]
+        dim = self.demands.get(node)
+        if dim is None or value.sharded is not None:
+            return
+        length = node.meta["val"].shape[dim]
+        if same_size(length, 1) or (isinstance(length, int) and length < self.group.size):
+            return
+        segments = self.source_segments.get(node, (length,))
+        layout = TokenLayout(dim, segments)
+        self.cut_sources.add(node)
+        value.sharded = collectives.slice_to_layout(self.builder, value.replicated, layout, self.group)
+        value.layout = layout
+        self.report.slices.append(f"{describe_node(node)} along dim {dim} (segments {[str(s) for s in segments]})")
+
+    def _map_plain(self, value: Any, reason: str) -> Any:
+        """Maps an argument to the new graph with every tensor replicated."""
+        if isinstance(value, fx.Node):
+            return self.replicated(value, reason)
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._map_plain(v, reason) for v in value)
+        return value
+
+    def _output(self, node: fx.Node) -> None:
+        outputs = self._map_plain(node.args[0], "graph output")
+        self.graph.output(outputs)
+
+    def _call(self, node: fx.Node) -> None:
+        import operator
+
+        if node.target is operator.getitem and isinstance(self.env.get(node.args[0]), list):
+            self.env[node] = self.env[node.args[0]][node.args[1]]
+            return
+        result = node.meta.get("val")
+        if not isinstance(result, torch.Tensor) and not _is_tensor_list(result):
+            self._call_non_tensor(node)
+            return
+        inputs = _tensor_inputs(node)
+        sharded_inputs = [n for n in inputs if self.layout_of(n) is not None]
+        if sharded_inputs:
+            rule = rule_for(node)
+            sharding = rule(OpView(node, self.layout_of)) if rule is not None else None
+            if sharding is not None:
+                self._emit_sharded(node, sharding)
+                return
+            reason = self._why_not_local(node)
+        else:
+            reason = ""
+        new = self._copy(node, lambda v: self._map_plain(v, reason))
+        if isinstance(result, torch.Tensor):
+            self.env[node] = Value(result.dim(), replicated=new)
+            self._cut_if_demanded(node)
+        else:
+            self.env[node] = [Value(t.dim(), replicated=self.graph.call_function(__import__("operator").getitem, (new, i)))
+                              for i, t in enumerate(result)]
+
+    def _why_not_local(self, node: fx.Node) -> str:
+        packet = getattr(node.target, "overloadpacket", None)
+        if packet in NOT_TOKEN_LOCAL:
+            return f"{describe_node(node)}: {NOT_TOKEN_LOCAL[packet]}"
+        if rule_for(node) is None:
+            return f"{describe_node(node)}: no token rule for this op"
+        return f"{describe_node(node)}: not token-local for these inputs"
+
+    def _call_non_tensor(self, node: fx.Node) -> None:
+        """SymInt arithmetic and size queries keep their global meaning."""
+        if node.target in (aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int):
+            source = node.args[0]
+            if self.layout_of(source) is not None and self.env[source].replicated is None:
+                self.env[node] = self.builder.size(node.meta["val"])
+                return
+        self.env[node] = self._copy(node, lambda v: self._map_plain(v, f"{describe_node(node)} reads values"))
+
+    def _copy(self, node: fx.Node, map_arg) -> fx.Node:
+        args = tuple(map_arg(a) for a in node.args)
+        kwargs = {k: map_arg(v) for k, v in node.kwargs.items()}
+        new = self.graph.create_node(node.op, node.target, args, kwargs, name=node.name)
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+        return new
+
+    def _emit_sharded(self, node: fx.Node, sharding: Sharding) -> None:
+        view = OpView(node, self.layout_of)
+        reason = describe_node(node)
+        args: dict[str, Any] = {}
+        for name, value in view.args.items():
+            required = sharding.inputs.get(name)
+            if isinstance(value, (list, tuple)) and any(is_tensor_node(v) for v in value):
+                required = required if isinstance(required, list) else [None] * len(value)
+                args[name] = [self._convert(v, r, reason) for v, r in zip(value, required)]
+            elif is_tensor_node(value):
+                args[name] = self._convert(value, required, reason)
+            else:
+                args[name] = self._map_plain(value, reason)
+        self._check_mutation(node, view, sharding)
+        target = node.target
+        if sharding.patch is not None:
+            first = next(iter(sharding.inputs.values()))
+            layout = first if isinstance(first, TokenLayout) else next(l for l in first if l is not None)
+            args = sharding.patch(self.builder, args, LocalShard(self.builder, layout, self.group))
+            target = args.pop("__target__", target)
+        new = self._emit(target, args)
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        if isinstance(sharding.output, list):
+            self.env[node] = [Value(t.dim(), sharded=self.graph.call_function(__import__("operator").getitem, (new, i)),
+                                    layout=layout)
+                              for i, (t, layout) in enumerate(zip(node.meta["val"], sharding.output))]
+        else:
+            self.env[node] = Value(node.meta["val"].dim(), sharded=new, layout=sharding.output)
+
+    def _convert(self, node: fx.Node, required: Optional[TokenLayout], reason: str) -> fx.Node:
+        if required is None:
+            return self.replicated(node, f"{reason} needs it whole")
+        return self.sharded(node, required, reason)
+
+    def _emit(self, target, args: dict[str, Any]) -> fx.Node:
+        schema = target._schema
+        positional, keywords = [], {}
+        for argument in schema.arguments:
+            if argument.name not in args:
+                continue
+            if argument.kwarg_only:
+                keywords[argument.name] = args[argument.name]
+            else:
+                positional.append(args[argument.name])
+        return self.graph.call_function(target, tuple(positional), keywords)
+
+    def _check_mutation(self, node: fx.Node, view: OpView, sharding: Sharding) -> None:
+        schema = node.target._schema
+        for argument in schema.arguments:
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                raise NotImplementedError(
+                    f"paracompile: {describe_node(node)} writes into its argument '{argument.name}' in place "
+                    "on a token-sharded tensor; in-place updates of sharded tensors are not supported yet"
+                )
+
+
+def _is_tensor_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, torch.Tensor) for v in value)
+
+
+def shard_tokens(gm: fx.GraphModule, group: ProcessGroupInfo, report: Report, attention_strategy,
+                 strict_ulysses: bool = False, rounds: int = 3) -> fx.GraphModule:
+    """Runs the rewrite; where a source was cut with a segment split its users re-split, cuts it again
+    with the split they need (at most `rounds` times)."""
+    demands = find_token_dims(gm.graph)
+    source_segments: dict = {}
+    for _ in range(rounds):
+        round_report = Report(world=report.world)
+        rewriter = TokenShardingRewriter(gm, group, round_report, attention_strategy, strict_ulysses,
+                                         demands, source_segments)
+        result = rewriter.run()
+        better = rewriter.better_source_segments()
+        if len(better) == len(source_segments):
+            break
+        source_segments = better
+    report.attention, report.slices, report.gathers, report.notes = (
+        round_report.attention, round_report.slices, round_report.gathers, round_report.notes)
+    return result

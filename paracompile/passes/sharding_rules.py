@@ -1,0 +1,647 @@
+"""Token-axis propagation rules: one entry per aten op family, in one table.
+
+A rule looks at one node of the aten graph and the token layouts of its tensor inputs, and answers how
+the op runs on token shards: the layout of its output (or outputs), the layout each tensor input must
+have (None: the full, replicated tensor), and, where shapes or offsets in the op's arguments refer to
+the global token axis, how to rewrite them for the local shard. A rule that returns None declares the op
+not token-local for these inputs: the pass then gathers the inputs and runs the op replicated.
+
+Rules only ever see the original graph (global shapes in node.meta["val"]); they never emit nodes
+themselves except through the `patch` callback, which the rewriter calls with a GraphBuilder.
+
+Adding support for an op is one `@rule(...)` entry. The shape of this module follows
+torch/distributed/tensor/_ops/ (DTensor's sharding propagation).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from paracompile.passes.token_layout import Size, TokenLayout, product, same_size
+
+aten = torch.ops.aten
+
+Layout = Optional[TokenLayout]
+
+
+@dataclass
+class Sharding:
+    """How one op runs on shards. `inputs` maps argument names to the layout required of them (a list for
+    list arguments); tensor arguments that are not named must be replicated. `patch(builder, args, local)`
+    returns the op's arguments for the local shard: `args` are the rewritten arguments by name and `local`
+    answers questions about this rank's shard (see ShardContext in shard_tokens.py)."""
+
+    output: Any
+    inputs: dict[str, Any] = field(default_factory=dict)
+    patch: Optional[Callable] = None
+
+
+class OpView:
+    """Read access to one node: arguments by schema name, global shapes, and the current input layouts."""
+
+    def __init__(self, node: fx.Node, layout_of: Callable[[fx.Node], Layout]):
+        self.node = node
+        self.layout_of = layout_of
+        schema = node.target._schema
+        self.args: dict[str, Any] = {}
+        for index, argument in enumerate(schema.arguments):
+            if index < len(node.args):
+                self.args[argument.name] = node.args[index]
+            elif argument.name in node.kwargs:
+                self.args[argument.name] = node.kwargs[argument.name]
+            elif argument.has_default_value():
+                self.args[argument.name] = argument.default_value
+            else:
+                self.args[argument.name] = None
+
+    def __getitem__(self, name: str) -> Any:
+        return self.args[name]
+
+    def layout(self, name: str) -> Layout:
+        value = self.args[name]
+        return self.layout_of(value) if isinstance(value, fx.Node) else None
+
+    def shape(self, value: Any) -> tuple[Size, ...]:
+        return tuple(value.meta["val"].shape)
+
+    @property
+    def out_shape(self) -> tuple[Size, ...]:
+        return tuple(self.node.meta["val"].shape)
+
+    def tensor_args(self) -> list[str]:
+        return [name for name, value in self.args.items() if is_tensor_node(value)]
+
+
+def is_tensor_node(value: Any) -> bool:
+    return isinstance(value, fx.Node) and isinstance(value.meta.get("val"), torch.Tensor)
+
+
+RULES: dict[Any, Callable[[OpView], Optional[Sharding]]] = {}
+
+
+def rule(*packets):
+    """Registers a rule for every overload of the given aten op packets."""
+
+    def register(function):
+        for packet in packets:
+            RULES[packet] = function
+        return function
+
+    return register
+
+
+def rule_for(node: fx.Node) -> Optional[Callable[[OpView], Optional[Sharding]]]:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return RULES.get(target) or RULES.get(target.overloadpacket)
+    return None
+
+
+def normalize_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def first_sharded(view: OpView, names: Sequence[str]) -> Optional[tuple[str, TokenLayout]]:
+    for name in names:
+        layout = view.layout(name)
+        if layout is not None:
+            return name, layout
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pointwise ops: the token axis lines up across broadcast inputs, and inputs whose aligned dim has
+# size 1 (or that lack it) stay replicated.
+
+POINTWISE = [
+    aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten.pow, aten.exp, aten.exp2, aten.expm1, aten.log,
+    aten.log1p, aten.log2, aten.cos, aten.sin, aten.tan, aten.tanh, aten.sigmoid, aten.silu, aten.gelu,
+    aten.relu, aten.leaky_relu, aten.elu, aten.hardswish, aten.hardsigmoid, aten.mish, aten.softplus,
+    aten.rsqrt, aten.sqrt, aten.square, aten.abs, aten.sign, aten.erf, aten.reciprocal, aten.floor,
+    aten.ceil, aten.round, aten.trunc, aten.frac, aten.clamp, aten.clamp_min, aten.clamp_max, aten.clip,
+    aten.maximum, aten.minimum, aten.fmod, aten.remainder, aten.floor_divide, aten.where, aten.masked_fill,
+    aten.lerp, aten.addcmul, aten.addcdiv, aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge,
+    aten.logical_and, aten.logical_or, aten.logical_not, aten.logical_xor, aten.bitwise_and,
+    aten.bitwise_or, aten.bitwise_not, aten.isnan, aten.isinf, aten.nan_to_num, aten.to, aten._to_copy,
+    aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.detach, aten.dropout, aten.native_dropout,
+    aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like, aten.randn_like,
+    aten.copy_, aten.add_, aten.sub_, aten.mul_, aten.div_, aten.masked_fill_, aten.clamp_, aten.fill_,
+    aten.addcmul_, aten.lerp_, aten.copy, aten.lift_fresh_copy, aten.bitwise_xor, aten.atan2, aten.sgn,
+    aten.sinh, aten.cosh, aten.asin, aten.acos, aten.atan, aten.xlogy, aten.hypot, aten.heaviside,
+]
+
+
+@rule(*POINTWISE)
+def pointwise(view: OpView) -> Optional[Sharding]:
+    names = view.tensor_args()
+    found = first_sharded(view, names)
+    if found is None:
+        return None
+    first_name, first_layout = found
+    out_ndim = len(view.out_shape)
+    out_dim = first_layout.dim + out_ndim - len(view.shape(view[first_name]))
+    if out_dim < 0:
+        return None
+    inputs = {}
+    for name in names:
+        shape = view.shape(view[name])
+        dim = out_dim - (out_ndim - len(shape))
+        if dim >= 0 and not same_size(shape[dim], 1):
+            inputs[name] = first_layout.at_dim(dim)
+    return Sharding(TokenLayout(out_dim, first_layout.segments), inputs)
+
+
+@rule(aten.view_as_real, aten.view_as_complex)
+def complex_view(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    ndim = len(view.shape(view["self"]))
+    if layout is None or layout.dim >= ndim - 1:
+        return None
+    return Sharding(layout, {"self": layout})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ops over feature dims: fine as long as the token axis is not among the dims they reduce.
+
+@rule(aten.linear)
+def linear(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("input")
+    if layout is None or layout.dim == len(view.shape(view["input"])) - 1:
+        return None
+    return Sharding(layout, {"input": layout})
+
+
+def _normalized_over_trailing(input_name: str, count: Callable[[OpView], int]):
+    def propagate(view: OpView) -> Optional[Sharding]:
+        layout = view.layout(input_name)
+        ndim = len(view.shape(view[input_name]))
+        if layout is None or layout.dim >= ndim - count(view):
+            return None
+        return Sharding(layout, {input_name: layout})
+
+    return propagate
+
+
+rule(aten.layer_norm, aten.rms_norm)(_normalized_over_trailing("input", lambda v: len(v["normalized_shape"])))
+
+
+@rule(aten.group_norm)
+def group_norm(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("input")
+    if layout is None or layout.dim != 0:
+        return None
+    return Sharding(layout, {"input": layout})
+
+
+@rule(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum, aten.cumprod,
+      aten.logcumsumexp)
+def along_one_dim(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    if layout.dim == normalize_dim(view["dim"], len(view.shape(view["self"]))):
+        return None
+    return Sharding(layout, {"self": layout})
+
+
+@rule(aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.logsumexp, aten.any, aten.all,
+      aten.prod, aten.norm, aten.max, aten.min, aten.argmax, aten.argmin, aten.var_mean, aten.std_mean)
+def reduction(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    ndim = len(view.shape(view["self"]))
+    dims = view.args.get("dim")
+    if dims is None:
+        return None  # a reduction over every element, the token axis included
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims:
+        return None
+    dims = [normalize_dim(d, ndim) for d in dims]
+    if layout.dim in dims:
+        return None
+    keepdim = bool(view.args.get("keepdim", False))
+    out_dim = layout.dim if keepdim else layout.dim - sum(1 for d in dims if d < layout.dim)
+    output = TokenLayout(out_dim, layout.segments)
+    if isinstance(view.node.meta["val"], (tuple, list)):  # max.dim, var_mean, ...: every output alike
+        output = [output] * len(view.node.meta["val"])
+    return Sharding(output, {"self": layout})
+
+
+@rule(aten.matmul)
+def matmul(view: OpView) -> Optional[Sharding]:
+    left, right = view.layout("self"), view.layout("other")
+    left_ndim, right_ndim = len(view.shape(view["self"])), len(view.shape(view["other"]))
+    out_ndim = len(view.out_shape)
+    if left is not None and right is None and left_ndim >= 2 and left.dim < left_ndim - 1:
+        return Sharding(left.at_dim(left.dim + out_ndim - left_ndim), {"self": left})
+    if right is not None and left is None and right_ndim >= 2 and right.dim == right_ndim - 1:
+        return Sharding(right.at_dim(out_ndim - 1), {"other": right})
+    return None
+
+
+@rule(aten.mm, aten.bmm)
+def matrix_product(view: OpView) -> Optional[Sharding]:
+    left, right = view.layout("self"), view.layout("mat2")
+    ndim = len(view.out_shape)
+    if left is not None and right is None and left.dim < ndim - 1:
+        return Sharding(left, {"self": left})
+    if right is not None and left is None and right.dim == ndim - 1:
+        return Sharding(right, {"mat2": right})
+    return None
+
+
+@rule(aten.addmm)
+def addmm(view: OpView) -> Optional[Sharding]:
+    left = view.layout("mat1")
+    if left is None or left.dim != 0 or view.layout("mat2") is not None:
+        return None
+    bias_shape = view.shape(view["self"])
+    inputs = {"mat1": left}
+    if len(bias_shape) == 2 and not same_size(bias_shape[0], 1):
+        inputs["self"] = left
+    return Sharding(left, inputs)
+
+
+@rule(aten.outer)
+def outer(view: OpView) -> Optional[Sharding]:
+    left, right = view.layout("self"), view.layout("vec2")
+    if left is not None and right is None:
+        return Sharding(left, {"self": left})
+    if right is not None and left is None:
+        return Sharding(right.at_dim(1), {"vec2": right})
+    return None
+
+
+@rule(aten.embedding)
+def embedding(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("indices")
+    if layout is None or view.layout("weight") is not None:
+        return None
+    return Sharding(layout, {"indices": layout})
+
+
+@rule(aten.index_select)
+def index_select(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    ndim = len(view.shape(view["self"]))
+    if layout is None or layout.dim == normalize_dim(view["dim"], ndim) or view.layout("index") is not None:
+        return None
+    return Sharding(layout, {"self": layout})
+
+
+@rule(aten.repeat_interleave)
+def repeat_interleave(view: OpView) -> Optional[Sharding]:
+    if view.node.target is not aten.repeat_interleave.self_int:
+        return None
+    layout = view.layout("self")
+    if layout is None or view["dim"] is None:
+        return None
+    if layout.dim == normalize_dim(view["dim"], len(view.shape(view["self"]))):
+        return None
+    return Sharding(layout, {"self": layout})
+
+
+@rule(aten.flip, aten.roll)
+def along_listed_dims(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    ndim = len(view.shape(view["self"]))
+    dims = view.args.get("dims")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if not dims or layout.dim in [normalize_dim(d, ndim) for d in dims]:
+        return None
+    return Sharding(layout, {"self": layout})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shape ops. Sizes in their arguments are global; the patches put the local token count in its place.
+
+def _local_size_patch(size_name: str, token_dim_in_output: int):
+    def patch(builder, args, local):
+        sizes = list(args[size_name])
+        sizes[token_dim_in_output] = local.length
+        return {**args, size_name: sizes}
+
+    return patch
+
+
+def _matching_dim(in_shape, in_dim, out_shape) -> Optional[int]:
+    """The output dim that holds exactly the input's dim `in_dim` under a row-major reshape: same size,
+    same product of the dims in front. None when the reshape splits or merges the token axis."""
+    prefix = product(in_shape[:in_dim])
+    running: Size = 1
+    for out_dim, size in enumerate(out_shape):
+        if same_size(running, prefix) and same_size(size, in_shape[in_dim]):
+            return out_dim
+        running = running * size
+    return None
+
+
+@rule(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten._reshape_alias)
+def reshape(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    in_shape, out_shape = view.shape(view["self"]), view.out_shape
+    out_dim = _matching_dim(in_shape, layout.dim, out_shape)
+    if out_dim is None:
+        return None
+
+    def patch(builder, args, local):
+        sizes = [builder.size(s) for s in out_shape]
+        sizes[out_dim] = local.length
+        return {"__target__": aten.reshape.default, "self": args["self"], "shape": sizes}
+
+    return Sharding(layout.at_dim(out_dim), {"self": layout}, patch)
+
+
+@rule(aten.expand)
+def expand(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    out_dim = layout.dim + len(view["size"]) - len(view.shape(view["self"]))
+
+    def patch(builder, args, local):
+        sizes = list(args["size"])
+        sizes[out_dim] = -1
+        return {**args, "size": sizes}
+
+    return Sharding(layout.at_dim(out_dim), {"self": layout}, patch)
+
+
+@rule(aten.repeat)
+def repeat(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    repeats = view["repeats"]
+    out_dim = layout.dim + len(repeats) - len(view.shape(view["self"]))
+    if not (isinstance(repeats[out_dim], int) and repeats[out_dim] == 1):
+        return None
+    return Sharding(layout.at_dim(out_dim), {"self": layout})
+
+
+@rule(aten.permute)
+def permute(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    ndim = len(view.out_shape)
+    order = [normalize_dim(d, ndim) for d in view["dims"]]
+    return Sharding(layout.at_dim(order.index(layout.dim)), {"self": layout})
+
+
+@rule(aten.transpose, aten.swapaxes, aten.swapdims)
+def transpose(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    ndim = len(view.out_shape)
+    first = normalize_dim(view.args.get("dim0", view.args.get("axis0")), ndim)
+    second = normalize_dim(view.args.get("dim1", view.args.get("axis1")), ndim)
+    swapped = {first: second, second: first}.get(layout.dim, layout.dim)
+    return Sharding(layout.at_dim(swapped), {"self": layout})
+
+
+@rule(aten.t)
+def transpose_2d(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    ndim = len(view.out_shape)
+    return Sharding(layout.at_dim(ndim - 1 - layout.dim if ndim == 2 else layout.dim), {"self": layout})
+
+
+@rule(aten.movedim)
+def movedim(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    ndim = len(view.out_shape)
+    sources = view["source"] if isinstance(view["source"], (list, tuple)) else [view["source"]]
+    targets = view["destination"] if isinstance(view["destination"], (list, tuple)) else [view["destination"]]
+    sources = [normalize_dim(d, ndim) for d in sources]
+    targets = [normalize_dim(d, ndim) for d in targets]
+    order = [None] * ndim
+    for source, target in zip(sources, targets):
+        order[target] = source
+    rest = iter(d for d in range(ndim) if d not in sources)
+    order = [d if d is not None else next(rest) for d in order]
+    return Sharding(layout.at_dim(order.index(layout.dim)), {"self": layout})
+
+
+@rule(aten.unsqueeze)
+def unsqueeze(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    dim = normalize_dim(view["dim"], len(view.out_shape))
+    return Sharding(layout.at_dim(layout.dim + (1 if dim <= layout.dim else 0)), {"self": layout})
+
+
+@rule(aten.squeeze)
+def squeeze(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    shape = view.shape(view["self"])
+    ndim = len(shape)
+    dims = view.args.get("dim", view.args.get("dims"))
+    if dims is None:
+        dims = [d for d, size in enumerate(shape) if same_size(size, 1)]
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    dims = [normalize_dim(d, ndim) for d in dims if same_size(shape[normalize_dim(d, ndim)], 1)]
+    if layout.dim in dims:
+        return None
+
+    def patch(builder, args, local):
+        # A rank may hold one token: an implicit squeeze would drop its token axis, so name the dims.
+        return {"__target__": aten.squeeze.dims, "self": args["self"], "dim": dims}
+
+    return Sharding(layout.at_dim(layout.dim - sum(1 for d in dims if d < layout.dim)), {"self": layout}, patch)
+
+
+@rule(aten.select)
+def select(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    dim = normalize_dim(view["dim"], len(view.shape(view["self"])))
+    if dim == layout.dim:
+        return None
+    return Sharding(layout.at_dim(layout.dim - (1 if dim < layout.dim else 0)), {"self": layout})
+
+
+def _segment_range(layout: TokenLayout, start: Size, end: Size) -> Optional[tuple[int, int]]:
+    """Indices [first, last) of the segments that exactly cover global tokens [start, end), if any."""
+    boundaries: list[Size] = [0]
+    for segment in layout.segments:
+        boundaries.append(boundaries[-1] + segment)
+    first = next((i for i, b in enumerate(boundaries) if same_size(b, start)), None)
+    last = next((i for i, b in enumerate(boundaries) if same_size(b, end)), None)
+    if first is None or last is None or last <= first:
+        return None
+    return first, last
+
+
+def _normalized_bounds(start, end, length) -> tuple[Size, Size]:
+    start = 0 if start is None else start
+    end = length if end is None else end
+    if isinstance(start, int) and start < 0:
+        start = start + length
+    if isinstance(end, int) and end < 0:
+        end = end + length
+    if isinstance(end, int) and isinstance(length, int):
+        end = min(end, length)
+    elif isinstance(end, int) and end >= 2**62:
+        end = length
+    return start, end
+
+
+@rule(aten.slice)
+def slice_tokens(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    dim = normalize_dim(view["dim"], len(view.shape(view["self"])))
+    if dim != layout.dim:
+        return Sharding(layout, {"self": layout})
+    if view["step"] != 1:
+        return None
+    start, end = _normalized_bounds(view["start"], view["end"], layout.length)
+    found = _segment_range(layout, start, end)
+    if found is None:
+        return None
+    first, last = found
+
+    def patch(builder, args, local):
+        offsets = local.segment_offsets()
+        ends = local.segment_ends()
+        return {**args, "start": offsets[first], "end": ends[last - 1]}
+
+    return Sharding(TokenLayout(layout.dim, layout.segments[first:last]), {"self": layout}, patch)
+
+
+@rule(aten.narrow)
+def narrow(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    dim = normalize_dim(view["dim"], len(view.shape(view["self"])))
+    if dim != layout.dim:
+        return Sharding(layout, {"self": layout})
+    start, end = _normalized_bounds(view["start"], view["start"] + view["length"], layout.length)
+    found = _segment_range(layout, start, end)
+    if found is None:
+        return None
+    first, last = found
+
+    def patch(builder, args, local):
+        offsets, ends = local.segment_offsets(), local.segment_ends()
+        return {"__target__": aten.slice.Tensor, "self": args["self"], "dim": dim,
+                "start": offsets[first], "end": ends[last - 1], "step": 1}
+
+    return Sharding(TokenLayout(layout.dim, layout.segments[first:last]), {"self": layout}, patch)
+
+
+@rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split, aten.unsafe_split,
+      aten.split_with_sizes_copy)
+def split(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    ndim = len(view.shape(view["self"]))
+    dim = normalize_dim(view.args.get("dim", 0), ndim)
+    outputs = view.node.meta["val"]
+    if dim != layout.dim:
+        return Sharding([layout] * len(outputs), {"self": layout})
+    # Along the token axis: fine when every piece is a run of whole segments.
+    pieces, start = [], 0
+    for output in outputs:
+        end = start + output.shape[dim]
+        found = _segment_range(layout, start, end)
+        if found is None:
+            return None
+        pieces.append(found)
+        start = end
+
+    def patch(builder, args, local):
+        lengths = local.segment_lengths()
+        sizes = [builder.total(lengths[first:last]) for first, last in pieces]
+        return {"__target__": aten.split_with_sizes.default, "self": args["self"], "split_sizes": sizes, "dim": dim}
+
+    return Sharding([TokenLayout(dim, layout.segments[a:b]) for a, b in pieces], {"self": layout}, patch)
+
+
+@rule(aten.unbind)
+def unbind(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    dim = normalize_dim(view["dim"], len(view.shape(view["self"])))
+    if dim == layout.dim:
+        return None
+    count = len(view.node.meta["val"])
+    return Sharding([layout.at_dim(layout.dim - (1 if dim < layout.dim else 0))] * count, {"self": layout})
+
+
+def _list_layouts(view: OpView, name: str) -> list[Layout]:
+    return [view.layout_of(t) if isinstance(t, fx.Node) else None for t in view[name]]
+
+
+@rule(aten.cat, aten.concat, aten.concatenate)
+def cat(view: OpView) -> Optional[Sharding]:
+    tensors = view["tensors"]
+    layouts = _list_layouts(view, "tensors")
+    if all(layout is None for layout in layouts):
+        return None
+    out_ndim = len(view.out_shape)
+    dim = normalize_dim(view["dim"], out_ndim)
+    # Legacy empty 1-D tensors are skipped by cat; keep them out of the layout.
+    real = [t for t in tensors if len(view.shape(t)) == out_ndim]
+    if any(layout is not None and layout.dim == dim for layout in layouts):
+        # Along the token axis: the local cat appends segments.
+        required, segments = [], []
+        for tensor, layout in zip(tensors, layouts):
+            if tensor not in real:
+                required.append(None)
+                continue
+            if layout is None or layout.dim != dim:
+                layout = TokenLayout(dim, (view.shape(tensor)[dim],))
+            required.append(layout)
+            segments.extend(layout.segments)
+        return Sharding(TokenLayout(dim, tuple(segments)), {"tensors": required})
+    reference = next(layout for layout in layouts if layout is not None)
+    required = [reference if t in real and not same_size(view.shape(t)[reference.dim], 1) else None
+                for t in tensors]
+    return Sharding(reference, {"tensors": required})
+
+
+@rule(aten.stack)
+def stack(view: OpView) -> Optional[Sharding]:
+    layouts = _list_layouts(view, "tensors")
+    reference = next((layout for layout in layouts if layout is not None), None)
+    if reference is None:
+        return None
+    dim = normalize_dim(view["dim"], len(view.out_shape))
+    out_dim = reference.dim + (1 if dim <= reference.dim else 0)
+    return Sharding(reference.at_dim(out_dim), {"tensors": [reference] * len(layouts)})
+
+
+# Ops that never run on shards: listed so the explanation can say so plainly rather than "unknown op".
+NOT_TOKEN_LOCAL = {
+    aten.scaled_dot_product_attention: "attention mixes tokens (handled by the attention rewrite)",
+    aten.convolution: "a convolution mixes neighbouring tokens",
+    aten.conv1d: "a convolution mixes neighbouring tokens",
+    aten.conv2d: "a convolution mixes neighbouring tokens",
+    aten.conv3d: "a convolution mixes neighbouring tokens",
+    aten.index: "advanced indexing may pick any token",
+    aten.gather: "gather may pick any token",
+}

@@ -1,0 +1,167 @@
+"""Attention on token shards: Ulysses for self-attention, local for cross-attention.
+
+Invariant: the rewritten attention returns this rank's shard of exactly the output the original node
+computes on full tensors (or the full output, where it falls back to replicated attention).
+
+- q, k and v token-sharded (self or joint attention): Ulysses. One all-to-all per tensor scatters heads
+  and gathers tokens, attention runs on this rank's heads over all tokens, and one all-to-all brings the
+  output back to token shards. Keys only need to be in a consistent order (attention does not care about
+  key order, and is equivariant in queries), so tensors stay in padded rank-major order unless padding
+  must be dropped (keys of uneven shards) or a mask or `is_causal` needs true positions.
+- q sharded, k and v replicated (cross-attention to text): local attention, no communication.
+- anything else: gather and run the original attention replicated, and say why in the report.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from paracompile import collectives
+from paracompile.explain import describe_node
+from paracompile.passes.sharding_rules import OpView
+from paracompile.passes.token_layout import known_divisible, same_size
+
+aten = torch.ops.aten
+
+
+class HeadCountError(ValueError):
+    pass
+
+
+def rewrite_attention(rewriter, node: fx.Node) -> None:
+    view = OpView(node, rewriter.layout_of)
+    query, key, value, mask = view["query"], view["key"], view["value"], view["attn_mask"]
+    layouts = [view.layout(name) for name in ("query", "key", "value")]
+    ndim = len(view.shape(query))
+    token_dim, head_dim = ndim - 2, ndim - 3
+    name = describe_node(node)
+    group = rewriter.group
+
+    def fallback(reason: str) -> None:
+        args = {k: v for k, v in view.args.items()}
+        for tensor_name in ("query", "key", "value", "attn_mask"):
+            if isinstance(args[tensor_name], fx.Node):
+                args[tensor_name] = rewriter.replicated(args[tensor_name], f"{name}: {reason}")
+        new = rewriter._emit(node.target, args)
+        rewriter.env[node] = type(rewriter.env[query])(ndim, replicated=new)
+        rewriter.report.attention.append(f"{name}: replicated ({reason})")
+
+    if all(layout is None for layout in layouts):
+        fallback("no input is token-sharded")
+        return
+    if any(layout is not None and layout.dim != token_dim for layout in layouts) or ndim < 3:
+        fallback("the token axis is not the sequence dim of attention")
+        return
+    if view["dropout_p"] not in (0, 0.0):
+        fallback("attention dropout is random: sharding would change which elements are dropped")
+        return
+
+    query_layout, key_layout, value_layout = layouts
+    if query_layout is not None and key_layout is None and value_layout is None:
+        if view["is_causal"]:
+            fallback("is_causal with sharded queries and full keys")
+            return
+        _local_attention(rewriter, node, view, query_layout)
+        return
+    if query_layout is None or key_layout is None or value_layout is None:
+        fallback("queries and keys/values are split differently")
+        return
+
+    heads, key_heads = view.shape(query)[head_dim], view.shape(key)[head_dim]
+    if not known_divisible(heads, group.size):
+        if rewriter.strict_ulysses:
+            raise HeadCountError(
+                f"paracompile: {name} has {heads} attention heads, which the Ulysses degree {group.size} does "
+                "not divide. Use a Ulysses degree that divides the head count, or mesh='auto'."
+            )
+        fallback(f"{heads} heads are not divisible by the Ulysses degree {group.size}")
+        return
+    _ulysses(rewriter, node, view, layouts, heads, key_heads)
+
+
+def _local_attention(rewriter, node, view, query_layout) -> None:
+    builder = rewriter.builder
+    args = dict(view.args)
+    args["query"] = rewriter.sharded(view["query"], query_layout, describe_node(node))
+    for name in ("key", "value"):
+        args[name] = rewriter.replicated(view[name], describe_node(node))
+    mask = view["attn_mask"]
+    if isinstance(mask, fx.Node):
+        mask_shape = view.shape(mask)
+        mask_query_dim = len(mask_shape) - 2
+        if mask_query_dim >= 0 and not same_size(mask_shape[mask_query_dim], 1):
+            args["attn_mask"] = rewriter.sharded(mask, query_layout.at_dim(mask_query_dim), describe_node(node))
+        else:
+            args["attn_mask"] = rewriter.replicated(mask, describe_node(node))
+    new = rewriter._emit(node.target, args)
+    rewriter.env[node] = type(rewriter.env[view["query"]])(len(view.shape(view["query"])), sharded=new,
+                                                           layout=query_layout)
+    rewriter.report.attention.append(
+        f"{describe_node(node)}: local (keys/values replicated, queries sharded: no communication)")
+
+
+def _ulysses(rewriter, node, view, layouts, heads, key_heads) -> None:
+    builder, group = rewriter.builder, rewriter.group
+    name = describe_node(node)
+    query_layout, key_layout, value_layout = layouts
+    ndim = len(view.shape(view["query"]))
+    token_dim, head_dim = ndim - 2, ndim - 3
+    mask = view["attn_mask"]
+    causal = bool(view["is_causal"])
+    enable_gqa = bool(view["enable_gqa"])
+
+    mask_needs_query_order = mask_needs_key_order = False
+    local_mask = None
+    if isinstance(mask, fx.Node):
+        mask_shape = view.shape(mask)
+        local_mask = rewriter.replicated(mask, f"{name}: attention masks are applied over all tokens")
+        mask_needs_query_order = len(mask_shape) >= 2 and not same_size(mask_shape[-2], 1)
+        mask_needs_key_order = len(mask_shape) >= 1 and not same_size(mask_shape[-1], 1)
+        mask_head_dim = len(mask_shape) - 3
+        if mask_head_dim >= 0 and not same_size(mask_shape[mask_head_dim], 1):
+            per_rank = heads // group.size if isinstance(heads, int) else builder.floordiv(builder.size(heads), group.size)
+            local_mask = builder.narrow(local_mask, mask_head_dim, builder.mul(per_rank, group.rank), per_rank)
+
+    query_local = rewriter.sharded(view["query"], query_layout, name)
+    key_local = rewriter.sharded(view["key"], key_layout, name)
+    value_local = rewriter.sharded(view["value"], value_layout, name)
+    if enable_gqa and not same_size(heads, key_heads) and not known_divisible(key_heads, group.size):
+        # Each rank needs whole groups of key heads: repeat them up to the query head count.
+        repeats = heads // key_heads
+        key_local = builder.call(aten.repeat_interleave.self_int, key_local, repeats, head_dim)
+        value_local = builder.call(aten.repeat_interleave.self_int, value_local, repeats, head_dim)
+        enable_gqa = False
+
+    def exchange(local, layout, global_order: bool):
+        padded = collectives.pad_to_chunks(builder, local, ndim, layout, group)
+        gathered = collectives.scatter_heads_gather_tokens(builder, padded, head_dim, token_dim, group)
+        if global_order:
+            gathered = collectives.rank_major_to_global(builder, gathered, layout, group)
+        return gathered
+
+    keys_uneven = not all(known_divisible(s, group.size) for s in key_layout.segments + value_layout.segments)
+    query_in_global_order = causal or mask_needs_query_order
+    keys_in_global_order = causal or mask_needs_key_order or keys_uneven
+    if not keys_in_global_order and not key_layout.same_split(value_layout):
+        keys_in_global_order = True  # keys and values must line up token for token
+    query_all = exchange(query_local, query_layout, query_in_global_order)
+    key_all = exchange(key_local, key_layout, keys_in_global_order)
+    value_all = exchange(value_local, value_layout, keys_in_global_order)
+
+    args = dict(view.args)
+    args.update(query=query_all, key=key_all, value=value_all, attn_mask=local_mask, enable_gqa=enable_gqa)
+    output = rewriter._emit(node.target, args)
+    output.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    output.meta["paracompile_attention"] = "ulysses"
+
+    if query_in_global_order:
+        output = collectives.global_to_rank_major(builder, output, ndim, query_layout, group)
+    output = collectives.scatter_tokens_gather_heads(builder, output, head_dim, token_dim, group)
+    output = collectives.unpad_chunks(builder, output, query_layout, group)
+    rewriter.env[node] = type(rewriter.env[view["query"]])(ndim, sharded=output, layout=query_layout)
+    order = "global token order" if (query_in_global_order or keys_in_global_order) else "rank-major token order"
+    rewriter.report.attention.append(
+        f"{name}: ulysses over {group.size} ranks ({heads} heads, {heads // group.size if isinstance(heads, int) else '?'}"
+        f" per rank; query segments {[str(s) for s in query_layout.segments]}, key segments "
+        f"{[str(s) for s in key_layout.segments]}; {order}{', causal' if causal else ''}"
+        f"{', with mask' if local_mask is not None else ''})")
