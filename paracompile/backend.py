@@ -17,7 +17,7 @@ from paracompile.explain import Report
 from paracompile.mesh import resolve_mesh
 from paracompile.options import Options, parse_options
 from paracompile.passes.shard_tokens import attention_nodes, shard_tokens
-from paracompile.passes.trace_to_aten import trace_to_aten
+from paracompile.passes.trace_to_aten import check_fixed_scalars, trace_to_aten
 from paracompile.passes.ulysses_attention import rewrite_attention
 
 logger = logging.getLogger("paracompile")
@@ -32,11 +32,11 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
     if plan.world_size == 1:
         return compile_graph(gm, example_inputs, parsed)
 
-    aten_graph = trace_to_aten(gm, example_inputs)
+    aten_graph, fixed_scalars = trace_to_aten(gm, example_inputs)
     if not attention_nodes(aten_graph.graph):
         warnings.warn("paracompile: the graph has no scaled_dot_product_attention; nothing to parallelise, "
                       "compiling it replicated on every rank", stacklevel=2)
-        return compile_graph(gm, example_inputs, parsed)
+        return check_fixed_scalars(compile_graph(aten_graph, example_inputs, parsed), fixed_scalars)
 
     report = Report(world=plan.describe())
     sharded = shard_tokens(aten_graph, plan.ulysses, report, rewrite_attention, strict_ulysses=plan.explicit)
@@ -45,7 +45,7 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
     explanations.append(report.format())
     if parsed.explain:
         report.emit()
-    return compile_graph(sharded, example_inputs, parsed)
+    return check_fixed_scalars(compile_graph(sharded, example_inputs, parsed), fixed_scalars)
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) -> Callable:

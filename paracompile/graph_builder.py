@@ -13,7 +13,7 @@ from typing import Any, Union
 import sympy
 import torch
 import torch.fx as fx
-from torch.utils._sympy.functions import CeilDiv, CleanDiv, FloorDiv, Max, Min, Mod, PythonMod
+from torch.utils._sympy.functions import CeilDiv, CleanDiv, FloorDiv, Max, Min, Mod, PowByNatural, PythonMod
 
 aten = torch.ops.aten
 GraphSize = Union[int, fx.Node]
@@ -58,6 +58,11 @@ class GraphBuilder:
             result = parts[0]
             for part in parts[1:]:
                 result = self.mul(result, part)
+            return result
+        if isinstance(expr, (sympy.Pow, PowByNatural)) and expr.args[1].is_Integer and int(expr.args[1]) >= 1:
+            result = parts[0]
+            for _ in range(int(expr.args[1]) - 1):
+                result = self.mul(result, parts[0])
             return result
         if isinstance(expr, FloorDiv):
             return self.floordiv(parts[0], parts[1])

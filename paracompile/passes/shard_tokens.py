@@ -28,7 +28,7 @@ from paracompile import collectives
 from paracompile.collectives import ProcessGroupInfo, SegmentArithmetic
 from paracompile.explain import Report, describe_node
 from paracompile.graph_builder import GraphBuilder
-from paracompile.passes.sharding_rules import (NOT_TOKEN_LOCAL, OpView, Sharding, is_tensor_node, rule_for)
+from paracompile.passes.sharding_rules import (ANY, NOT_TOKEN_LOCAL, OpView, Sharding, is_tensor_node, rule_for)
 from paracompile.passes.token_layout import TokenLayout, same_size
 
 aten = torch.ops.aten
@@ -116,6 +116,20 @@ class Value:
     layout: Optional[TokenLayout] = None
     resliced: dict = field(default_factory=dict)
 
+    native_sharded: bool = False  # which representation the op itself produced; the other is derived
+
+    @property
+    def native(self) -> str:
+        return "sharded" if self.native_sharded else "replicated"
+
+    def forget_copies(self) -> None:
+        """After an in-place write: representations derived before it are stale."""
+        self.resliced = {}
+        if self.native == "sharded":
+            self.replicated = None
+        else:
+            self.sharded, self.layout = None, None
+
 
 class LocalShard:
     """Answers a rule's patch about this rank's shard of one layout (sizes as values of the new graph)."""
@@ -156,6 +170,8 @@ class TokenShardingRewriter:
         self.source_segments: dict[fx.Node, tuple] = dict(source_segments or {})
         self.cut_sources: set[fx.Node] = set()
         self.resplits: list[tuple[fx.Node, TokenLayout]] = []
+        self.alias_root: dict[fx.Node, fx.Node] = {}
+        self.alias_members: dict[fx.Node, list[fx.Node]] = {}
 
     # Conversions between representations -------------------------------------------------------
     def replicated(self, node: fx.Node, reason: str) -> fx.Node:
@@ -176,7 +192,8 @@ class TokenShardingRewriter:
             source = value.replicated
             if source is None:
                 self.resplits.append((node, layout))
-                source = self.replicated(node, f"re-split for {reason}")
+                source = self.replicated(
+                    node, f"re-split from {value.layout.describe()} to {layout.describe()} for {reason}")
             value.resliced[key] = collectives.slice_to_layout(self.builder, source, layout, self.group)
         return value.resliced[key]
 
@@ -204,6 +221,12 @@ class TokenShardingRewriter:
                     if layout is not None and layout.same_split(have):
                         frontier.append(producer)
         return better
+
+    def bind_sharded(self, node: fx.Node, new: fx.Node, layout: TokenLayout) -> None:
+        self.env[node] = Value(node.meta["val"].dim(), sharded=new, layout=layout, native_sharded=True)
+
+    def bind_replicated(self, node: fx.Node, new: fx.Node) -> None:
+        self.env[node] = Value(node.meta["val"].dim(), replicated=new)
 
     def layout_of(self, node: fx.Node) -> Optional[TokenLayout]:
         value = self.env.get(node)
@@ -287,7 +310,10 @@ class TokenShardingRewriter:
             reason = self._why_not_local(node)
         else:
             reason = ""
+        written = self._check_in_place(node, {})
         new = self._copy(node, lambda v: self._map_plain(v, reason))
+        self._forget_copies_of_aliases(written)
+        self._track_alias(node)
         if isinstance(result, torch.Tensor):
             self.env[node] = Value(result.dim(), replicated=new)
             self._cut_if_demanded(node)
@@ -332,23 +358,30 @@ class TokenShardingRewriter:
                 args[name] = self._convert(value, required, reason)
             else:
                 args[name] = self._map_plain(value, reason)
-        self._check_mutation(node, view, sharding)
+        written = self._check_in_place(node, {k: v for k, v in sharding.inputs.items() if not isinstance(v, list)})
         target = node.target
         if sharding.patch is not None:
-            first = next(iter(sharding.inputs.values()))
-            layout = first if isinstance(first, TokenLayout) else next(l for l in first if l is not None)
+            layout = _first_layout(sharding.inputs.values())
             args = sharding.patch(self.builder, args, LocalShard(self.builder, layout, self.group))
             target = args.pop("__target__", target)
         new = self._emit(target, args)
         new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-        if isinstance(sharding.output, list):
+        self._forget_copies_of_aliases(written)
+        self._track_alias(node)
+        if sharding.output is None:
+            self.bind_replicated(node, new)
+            self._cut_if_demanded(node)
+        elif isinstance(sharding.output, list):
             self.env[node] = [Value(t.dim(), sharded=self.graph.call_function(__import__("operator").getitem, (new, i)),
-                                    layout=layout)
+                                    layout=layout, native_sharded=True)
                               for i, (t, layout) in enumerate(zip(node.meta["val"], sharding.output))]
         else:
-            self.env[node] = Value(node.meta["val"].dim(), sharded=new, layout=sharding.output)
+            self.env[node] = Value(node.meta["val"].dim(), sharded=new, layout=sharding.output, native_sharded=True)
 
     def _convert(self, node: fx.Node, required: Optional[TokenLayout], reason: str) -> fx.Node:
+        if required is ANY:
+            value = self.env[node]
+            return value.sharded if value.native_sharded else value.replicated
         if required is None:
             return self.replicated(node, f"{reason} needs it whole")
         return self.sharded(node, required, reason)
@@ -365,14 +398,65 @@ class TokenShardingRewriter:
                 positional.append(args[argument.name])
         return self.graph.call_function(target, tuple(positional), keywords)
 
-    def _check_mutation(self, node: fx.Node, view: OpView, sharding: Sharding) -> None:
-        schema = node.target._schema
-        for argument in schema.arguments:
-            if argument.alias_info is not None and argument.alias_info.is_write:
+    def _check_in_place(self, node: fx.Node, required: dict) -> list[fx.Node]:
+        """An op that writes into an argument must get that argument's own storage, not a gathered or
+        re-cut copy of it. Returns the written nodes."""
+        written = []
+        names = _written_arguments(node)
+        arguments = OpView(node, self.layout_of).args if names else {}
+        for name in names:
+            target = arguments[name]
+            if not is_tensor_node(target):
+                continue
+            value = self.env[target]
+            wanted = required.get(name)
+            own = (value.native == "replicated" and wanted is None) or (
+                value.native == "sharded" and wanted is not None and value.layout == wanted)
+            if not own:
                 raise NotImplementedError(
-                    f"paracompile: {describe_node(node)} writes into its argument '{argument.name}' in place "
-                    "on a token-sharded tensor; in-place updates of sharded tensors are not supported yet"
+                    f"paracompile: {describe_node(node)} writes in place into {target.name}, which is "
+                    f"{'token-sharded' if value.native == 'sharded' else 'replicated'} here while the write needs it "
+                    f"{'whole' if wanted is None else 'sharded'}; writing into a copy would lose the update"
                 )
+            written.append(target)
+        return written
+
+    def _forget_copies_of_aliases(self, written: list[fx.Node]) -> None:
+        for target in written:
+            root = self.alias_root.get(target, target)
+            for member in self.alias_members.get(root, [root]):
+                value = self.env.get(member)
+                if isinstance(value, Value):
+                    value.forget_copies()
+
+    def _track_alias(self, node: fx.Node) -> None:
+        """Ops whose output is a view of (or the same storage as) their first input share its alias root."""
+        target = node.target
+        if not isinstance(target, torch._ops.OpOverload) or not target._schema.returns:
+            return
+        if target._schema.returns[0].alias_info is None:
+            return
+        inputs = _tensor_inputs(node)
+        if not inputs:
+            return
+        root = self.alias_root.get(inputs[0], inputs[0])
+        self.alias_root[node] = root
+        self.alias_members.setdefault(root, [root]).append(node)
+
+
+def _first_layout(required) -> TokenLayout:
+    for entry in required:
+        for layout in (entry if isinstance(entry, list) else [entry]):
+            if isinstance(layout, TokenLayout):
+                return layout
+    raise AssertionError("a rule with a patch must shard some input")
+
+
+def _written_arguments(node: fx.Node) -> list[str]:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return []
+    return [a.name for a in target._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
 
 
 def _is_tensor_list(value: Any) -> bool:

@@ -27,6 +27,10 @@ aten = torch.ops.aten
 
 Layout = Optional[TokenLayout]
 
+# Required layout for an input whose values the op never reads (only its dtype or device): whichever
+# representation exists is passed, with no communication.
+ANY = "any"
+
 
 @dataclass
 class Sharding:
@@ -59,7 +63,8 @@ class OpView:
                 self.args[argument.name] = None
 
     def __getitem__(self, name: str) -> Any:
-        return self.args[name]
+        """The argument, with SymInt-valued nodes replaced by their (global) SymInt."""
+        return _symbolic_value(self.args[name])
 
     def layout(self, name: str) -> Layout:
         value = self.args[name]
@@ -74,6 +79,14 @@ class OpView:
 
     def tensor_args(self) -> list[str]:
         return [name for name, value in self.args.items() if is_tensor_node(value)]
+
+
+def _symbolic_value(value: Any) -> Any:
+    if isinstance(value, fx.Node) and not isinstance(value.meta.get("val"), torch.Tensor):
+        return value.meta.get("val", value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_symbolic_value(v) for v in value)
+    return value
 
 
 def is_tensor_node(value: Any) -> bool:
@@ -127,7 +140,7 @@ POINTWISE = [
     aten.lerp, aten.addcmul, aten.addcdiv, aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge,
     aten.logical_and, aten.logical_or, aten.logical_not, aten.logical_xor, aten.bitwise_and,
     aten.bitwise_or, aten.bitwise_not, aten.isnan, aten.isinf, aten.nan_to_num, aten.to, aten._to_copy,
-    aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.detach, aten.dropout, aten.native_dropout,
+    aten.clone, aten.contiguous, aten.alias, aten.detach, aten.dropout, aten.native_dropout,
     aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like, aten.randn_like,
     aten.copy_, aten.add_, aten.sub_, aten.mul_, aten.div_, aten.masked_fill_, aten.clamp_, aten.fill_,
     aten.addcmul_, aten.lerp_, aten.copy, aten.lift_fresh_copy, aten.bitwise_xor, aten.atan2, aten.sgn,
@@ -153,6 +166,20 @@ def pointwise(view: OpView) -> Optional[Sharding]:
         if dim >= 0 and not same_size(shape[dim], 1):
             inputs[name] = first_layout.at_dim(dim)
     return Sharding(TokenLayout(out_dim, first_layout.segments), inputs)
+
+
+@rule(aten.type_as)
+def type_as(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return Sharding(None, {"self": None, "other": ANY})
+    return Sharding(layout, {"self": layout, "other": ANY})
+
+
+@rule(aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full, aten.new_empty_strided)
+def new_tensor(view: OpView) -> Optional[Sharding]:
+    """A fresh tensor of the given (global) size: only the dtype and device of `self` are read."""
+    return Sharding(None, {"self": ANY})
 
 
 @rule(aten.view_as_real, aten.view_as_complex)

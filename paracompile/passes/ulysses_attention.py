@@ -43,7 +43,7 @@ def rewrite_attention(rewriter, node: fx.Node) -> None:
             if isinstance(args[tensor_name], fx.Node):
                 args[tensor_name] = rewriter.replicated(args[tensor_name], f"{name}: {reason}")
         new = rewriter._emit(node.target, args)
-        rewriter.env[node] = type(rewriter.env[query])(ndim, replicated=new)
+        rewriter.bind_replicated(node, new)
         rewriter.report.attention.append(f"{name}: replicated ({reason})")
 
     if all(layout is None for layout in layouts):
@@ -94,8 +94,7 @@ def _local_attention(rewriter, node, view, query_layout) -> None:
         else:
             args["attn_mask"] = rewriter.replicated(mask, describe_node(node))
     new = rewriter._emit(node.target, args)
-    rewriter.env[node] = type(rewriter.env[view["query"]])(len(view.shape(view["query"])), sharded=new,
-                                                           layout=query_layout)
+    rewriter.bind_sharded(node, new, query_layout)
     rewriter.report.attention.append(
         f"{describe_node(node)}: local (keys/values replicated, queries sharded: no communication)")
 
@@ -158,7 +157,7 @@ def _ulysses(rewriter, node, view, layouts, heads, key_heads) -> None:
         output = collectives.global_to_rank_major(builder, output, ndim, query_layout, group)
     output = collectives.scatter_tokens_gather_heads(builder, output, head_dim, token_dim, group)
     output = collectives.unpad_chunks(builder, output, query_layout, group)
-    rewriter.env[node] = type(rewriter.env[view["query"]])(ndim, sharded=output, layout=query_layout)
+    rewriter.bind_sharded(node, output, query_layout)
     order = "global token order" if (query_in_global_order or keys_in_global_order) else "rank-major token order"
     rewriter.report.attention.append(
         f"{name}: ulysses over {group.size} ranks ({heads} heads, {heads // group.size if isinstance(heads, int) else '?'}"
