@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import deque
 from typing import Any, Callable, Optional
 
 import torch
@@ -22,8 +23,9 @@ from paracompile.passes.ulysses_attention import rewrite_attention
 
 logger = logging.getLogger("paracompile")
 
-# The most recent reports, newest last, for tests and for users who want them as text.
-explanations: list[str] = []
+# The most recent reports and rewritten graphs, newest last: for tests, and for users who want to look.
+explanations: deque = deque(maxlen=32)
+rewritten_graphs: deque = deque(maxlen=8)
 
 
 def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None) -> Callable:
@@ -43,6 +45,7 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
     sharded.graph.eliminate_dead_code()
     sharded.recompile()
     explanations.append(report.format())
+    rewritten_graphs.append(sharded)
     if parsed.explain:
         report.emit()
     return check_fixed_scalars(compile_graph(sharded, example_inputs, parsed), fixed_scalars)

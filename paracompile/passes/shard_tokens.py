@@ -28,7 +28,7 @@ from paracompile import collectives
 from paracompile.collectives import ProcessGroupInfo, SegmentArithmetic
 from paracompile.explain import Report, describe_node
 from paracompile.graph_builder import GraphBuilder
-from paracompile.passes.sharding_rules import (ANY, NOT_TOKEN_LOCAL, OpView, Sharding, is_tensor_node, rule_for)
+from paracompile.passes.sharding_rules import (ANY, NOT_TOKEN_LOCAL, WHY_NOT_LOCAL, OpView, Sharding, is_tensor_node, rule_for)
 from paracompile.passes.token_layout import TokenLayout, same_size
 
 aten = torch.ops.aten
@@ -325,9 +325,10 @@ class TokenShardingRewriter:
         packet = getattr(node.target, "overloadpacket", None)
         if packet in NOT_TOKEN_LOCAL:
             return f"{describe_node(node)}: {NOT_TOKEN_LOCAL[packet]}"
-        if rule_for(node) is None:
-            return f"{describe_node(node)}: no token rule for this op"
-        return f"{describe_node(node)}: not token-local for these inputs"
+        rule = rule_for(node)
+        if rule is None:
+            return f"{describe_node(node)}: no token rule for this op (add one to passes/sharding_rules.py)"
+        return f"{describe_node(node)}: {WHY_NOT_LOCAL.get(rule, 'not token-local for these inputs')}"
 
     def _call_non_tensor(self, node: fx.Node) -> None:
         """SymInt arithmetic and size queries keep their global meaning."""

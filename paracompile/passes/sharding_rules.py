@@ -96,12 +96,18 @@ def is_tensor_node(value: Any) -> bool:
 RULES: dict[Any, Callable[[OpView], Optional[Sharding]]] = {}
 
 
-def rule(*packets):
-    """Registers a rule for every overload of the given aten op packets."""
+# For the explanation: what it means when a rule declines (returns None).
+WHY_NOT_LOCAL: dict[Callable, str] = {}
+
+
+def rule(*packets, declines_when: str = "its inputs are split in a way it cannot follow"):
+    """Registers a rule for every overload of the given aten op packets. `declines_when` says, for the
+    explanation, what makes the op not token-local when the rule returns None."""
 
     def register(function):
         for packet in packets:
             RULES[packet] = function
+        WHY_NOT_LOCAL[function] = declines_when
         return function
 
     return register
@@ -148,7 +154,7 @@ POINTWISE = [
 ]
 
 
-@rule(*POINTWISE)
+@rule(*POINTWISE, declines_when="its inputs carry the token axis on dims that do not line up")
 def pointwise(view: OpView) -> Optional[Sharding]:
     names = view.tensor_args()
     found = first_sharded(view, names)
@@ -182,7 +188,7 @@ def new_tensor(view: OpView) -> Optional[Sharding]:
     return Sharding(None, {"self": ANY})
 
 
-@rule(aten.view_as_real, aten.view_as_complex)
+@rule(aten.view_as_real, aten.view_as_complex, declines_when="the token axis is the last dim")
 def complex_view(view: OpView) -> Optional[Sharding]:
     layout = view.layout("self")
     ndim = len(view.shape(view["self"]))
@@ -194,7 +200,7 @@ def complex_view(view: OpView) -> Optional[Sharding]:
 # ----------------------------------------------------------------------------------------------------
 # Ops over feature dims: fine as long as the token axis is not among the dims they reduce.
 
-@rule(aten.linear)
+@rule(aten.linear, declines_when="it contracts over the token axis")
 def linear(view: OpView) -> Optional[Sharding]:
     layout = view.layout("input")
     if layout is None or layout.dim == len(view.shape(view["input"])) - 1:
@@ -213,10 +219,10 @@ def _normalized_over_trailing(input_name: str, count: Callable[[OpView], int]):
     return propagate
 
 
-rule(aten.layer_norm, aten.rms_norm)(_normalized_over_trailing("input", lambda v: len(v["normalized_shape"])))
+rule(aten.layer_norm, aten.rms_norm, declines_when="it normalises over the token axis")(_normalized_over_trailing("input", lambda v: len(v["normalized_shape"])))
 
 
-@rule(aten.group_norm)
+@rule(aten.group_norm, declines_when="it normalises over the token axis")
 def group_norm(view: OpView) -> Optional[Sharding]:
     layout = view.layout("input")
     if layout is None or layout.dim != 0:
@@ -225,7 +231,7 @@ def group_norm(view: OpView) -> Optional[Sharding]:
 
 
 @rule(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum, aten.cumprod,
-      aten.logcumsumexp)
+      aten.logcumsumexp, declines_when="it works along the token axis")
 def along_one_dim(view: OpView) -> Optional[Sharding]:
     layout = view.layout("self")
     if layout is None:
@@ -236,7 +242,7 @@ def along_one_dim(view: OpView) -> Optional[Sharding]:
 
 
 @rule(aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.logsumexp, aten.any, aten.all,
-      aten.prod, aten.norm, aten.max, aten.min, aten.argmax, aten.argmin, aten.var_mean, aten.std_mean)
+      aten.prod, aten.norm, aten.max, aten.min, aten.argmax, aten.argmin, aten.var_mean, aten.std_mean, declines_when="it reduces over the token axis")
 def reduction(view: OpView) -> Optional[Sharding]:
     layout = view.layout("self")
     if layout is None:
@@ -259,7 +265,7 @@ def reduction(view: OpView) -> Optional[Sharding]:
     return Sharding(output, {"self": layout})
 
 
-@rule(aten.matmul)
+@rule(aten.matmul, declines_when="it contracts over the token axis, or both operands are sharded")
 def matmul(view: OpView) -> Optional[Sharding]:
     left, right = view.layout("self"), view.layout("other")
     left_ndim, right_ndim = len(view.shape(view["self"])), len(view.shape(view["other"]))
@@ -271,7 +277,7 @@ def matmul(view: OpView) -> Optional[Sharding]:
     return None
 
 
-@rule(aten.mm, aten.bmm)
+@rule(aten.mm, aten.bmm, declines_when="it contracts over the token axis, or both operands are sharded")
 def matrix_product(view: OpView) -> Optional[Sharding]:
     left, right = view.layout("self"), view.layout("mat2")
     ndim = len(view.out_shape)
@@ -282,7 +288,7 @@ def matrix_product(view: OpView) -> Optional[Sharding]:
     return None
 
 
-@rule(aten.addmm)
+@rule(aten.addmm, declines_when="it contracts over the token axis")
 def addmm(view: OpView) -> Optional[Sharding]:
     left = view.layout("mat1")
     if left is None or left.dim != 0 or view.layout("mat2") is not None:
@@ -294,7 +300,7 @@ def addmm(view: OpView) -> Optional[Sharding]:
     return Sharding(left, inputs)
 
 
-@rule(aten.outer)
+@rule(aten.outer, declines_when="both operands are sharded")
 def outer(view: OpView) -> Optional[Sharding]:
     left, right = view.layout("self"), view.layout("vec2")
     if left is not None and right is None:
@@ -304,7 +310,7 @@ def outer(view: OpView) -> Optional[Sharding]:
     return None
 
 
-@rule(aten.embedding)
+@rule(aten.embedding, declines_when="the embedding table is sharded")
 def embedding(view: OpView) -> Optional[Sharding]:
     layout = view.layout("indices")
     if layout is None or view.layout("weight") is not None:
@@ -312,7 +318,7 @@ def embedding(view: OpView) -> Optional[Sharding]:
     return Sharding(layout, {"indices": layout})
 
 
-@rule(aten.index_select)
+@rule(aten.index_select, declines_when="it indexes along the token axis")
 def index_select(view: OpView) -> Optional[Sharding]:
     layout = view.layout("self")
     ndim = len(view.shape(view["self"]))
@@ -321,7 +327,7 @@ def index_select(view: OpView) -> Optional[Sharding]:
     return Sharding(layout, {"self": layout})
 
 
-@rule(aten.repeat_interleave)
+@rule(aten.repeat_interleave, declines_when="it repeats along the token axis")
 def repeat_interleave(view: OpView) -> Optional[Sharding]:
     if view.node.target is not aten.repeat_interleave.self_int:
         return None
@@ -333,7 +339,7 @@ def repeat_interleave(view: OpView) -> Optional[Sharding]:
     return Sharding(layout, {"self": layout})
 
 
-@rule(aten.flip, aten.roll)
+@rule(aten.flip, aten.roll, declines_when="it works along the token axis")
 def along_listed_dims(view: OpView) -> Optional[Sharding]:
     layout = view.layout("self")
     if layout is None:
@@ -370,7 +376,7 @@ def _matching_dim(in_shape, in_dim, out_shape) -> Optional[int]:
     return None
 
 
-@rule(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten._reshape_alias)
+@rule(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten._reshape_alias, declines_when="it splits or merges the token axis with other dims (an unpatchify, say)")
 def reshape(view: OpView) -> Optional[Sharding]:
     layout = view.layout("self")
     if layout is None:
@@ -403,7 +409,7 @@ def expand(view: OpView) -> Optional[Sharding]:
     return Sharding(layout.at_dim(out_dim), {"self": layout}, patch)
 
 
-@rule(aten.repeat)
+@rule(aten.repeat, declines_when="it repeats along the token axis")
 def repeat(view: OpView) -> Optional[Sharding]:
     layout = view.layout("self")
     if layout is None:
@@ -473,7 +479,7 @@ def unsqueeze(view: OpView) -> Optional[Sharding]:
     return Sharding(layout.at_dim(layout.dim + (1 if dim <= layout.dim else 0)), {"self": layout})
 
 
-@rule(aten.squeeze)
+@rule(aten.squeeze, declines_when="it squeezes the token axis")
 def squeeze(view: OpView) -> Optional[Sharding]:
     layout = view.layout("self")
     if layout is None:
@@ -495,7 +501,7 @@ def squeeze(view: OpView) -> Optional[Sharding]:
     return Sharding(layout.at_dim(layout.dim - sum(1 for d in dims if d < layout.dim)), {"self": layout}, patch)
 
 
-@rule(aten.select)
+@rule(aten.select, declines_when="it picks single tokens")
 def select(view: OpView) -> Optional[Sharding]:
     layout = view.layout("self")
     if layout is None:
@@ -532,7 +538,7 @@ def _normalized_bounds(start, end, length) -> tuple[Size, Size]:
     return start, end
 
 
-@rule(aten.slice)
+@rule(aten.slice, declines_when="it slices the token axis away from segment boundaries")
 def slice_tokens(view: OpView) -> Optional[Sharding]:
     layout = view.layout("self")
     if layout is None:
@@ -556,7 +562,7 @@ def slice_tokens(view: OpView) -> Optional[Sharding]:
     return Sharding(TokenLayout(layout.dim, layout.segments[first:last]), {"self": layout}, patch)
 
 
-@rule(aten.narrow)
+@rule(aten.narrow, declines_when="it slices the token axis away from segment boundaries")
 def narrow(view: OpView) -> Optional[Sharding]:
     layout = view.layout("self")
     if layout is None:
@@ -579,7 +585,7 @@ def narrow(view: OpView) -> Optional[Sharding]:
 
 
 @rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split, aten.unsafe_split,
-      aten.split_with_sizes_copy)
+      aten.split_with_sizes_copy, declines_when="it splits the token axis away from segment boundaries")
 def split(view: OpView) -> Optional[Sharding]:
     layout = view.layout("self")
     if layout is None:
@@ -607,7 +613,7 @@ def split(view: OpView) -> Optional[Sharding]:
     return Sharding([TokenLayout(dim, layout.segments[a:b]) for a, b in pieces], {"self": layout}, patch)
 
 
-@rule(aten.unbind)
+@rule(aten.unbind, declines_when="it unbinds the token axis")
 def unbind(view: OpView) -> Optional[Sharding]:
     layout = view.layout("self")
     if layout is None:
