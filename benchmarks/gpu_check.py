@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny widths, for a dry run on a CPU")
+    parser.add_argument("--inductor-patches", type=json.loads, nargs="*", default=[],
+                        help="extra paracompile runs, each with these Inductor config patches (JSON dicts)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -93,6 +95,9 @@ def main() -> None:
     inductor_model = torch.compile(model)
     parallel_model = torch.compile(model, backend=paracompile.paracompile_backend,
                                    options={"mesh": {"ulysses": world_size}})
+    variants = [(patches, torch.compile(model, backend=paracompile.paracompile_backend,
+                                        options={"mesh": {"ulysses": world_size}, "inductor": patches}))
+                for patches in args.inductor_patches]
     results = []
     for resolution in args.resolutions:
         inputs = flux_inputs(resolution, args.text_tokens, config, device, dtype)
@@ -121,6 +126,13 @@ def main() -> None:
                 inductor_ms=median_ms(lambda: inductor_model(**inputs), args.steps),
                 paracompile_ms=median_ms(lambda: parallel_model(**inputs), args.steps),
             )
+            for patches, variant in variants:
+                start = time.perf_counter()
+                variant_output = variant(**inputs)[0].float()
+                row.setdefault("variants", []).append(dict(
+                    inductor_patches=patches, first_call_s=round(time.perf_counter() - start, 1),
+                    vs_eager_max_abs=(variant_output - eager).abs().max().item(),
+                    ms=median_ms(lambda: variant(**inputs), args.steps)))
         gathered = [None] * world_size
         dist.all_gather_object(gathered, row)
         if rank == 0:
