@@ -23,6 +23,8 @@ class GraphBuilder:
     def __init__(self, graph: fx.Graph, symbol_values: dict[sympy.Symbol, fx.Node]):
         self.graph = graph
         self.symbol_values = symbol_values
+        # Symbols known only as a size of some input tensor: (input node, dim), read on first use.
+        self.symbol_sources: dict[sympy.Symbol, tuple[fx.Node, int]] = {}
 
     def call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
         return self.graph.call_function(target, args, kwargs)
@@ -42,6 +44,9 @@ class GraphBuilder:
         if expr.is_Integer:
             return int(expr)
         if expr.is_Symbol:
+            if expr not in self.symbol_values and expr in self.symbol_sources:
+                tensor, dim = self.symbol_sources[expr]
+                self.symbol_values[expr] = self.call(aten.sym_size.int, tensor, dim)
             if expr not in self.symbol_values:
                 raise NotImplementedError(
                     f"paracompile: the symbolic size {expr} is not an input of the graph, so the rewritten "

@@ -17,6 +17,7 @@ How it works:
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -68,7 +69,7 @@ def find_token_dims(graph: fx.Graph) -> dict[fx.Node, int]:
         dim = demands[node]
         if node.op != "call_function":
             continue
-        if node.target is __import__("operator").getitem:
+        if node.target is operator.getitem:
             demand(node.args[0], dim)
             continue
         rule = rule_for(node)
@@ -135,8 +136,8 @@ class LocalShard:
     """Answers a rule's patch about this rank's shard of one layout (sizes as values of the new graph)."""
 
     def __init__(self, builder: GraphBuilder, layout: TokenLayout, group: ProcessGroupInfo):
-        self.sizes = SegmentArithmetic(builder, layout, group)
         self.builder = builder
+        self.sizes = SegmentArithmetic(builder, layout, group)
 
     @property
     def length(self):
@@ -239,9 +240,7 @@ class TokenShardingRewriter:
                 new = self.graph.placeholder(node.target)
                 new.meta.update(node.meta)
                 self._bind(node, new)
-                value = node.meta.get("val")
-                if isinstance(value, torch.SymInt) and isinstance(value.node.expr, sympy.Symbol):
-                    self.builder.symbol_values[value.node.expr] = new
+                self._record_symbols(node, new)
             elif node.op == "get_attr":
                 self._bind(node, self.graph.get_attr(node.target))
             elif node.op == "output":
@@ -250,8 +249,18 @@ class TokenShardingRewriter:
                 self.attention_strategy(self, node)
             else:
                 self._call(node)
-        # Tensor sizes of placeholders can name symbols that are no graph input of their own.
         return fx.GraphModule(self.gm, self.graph)
+
+    def _record_symbols(self, node: fx.Node, new: fx.Node) -> None:
+        """Symbolic sizes in the new graph are computed from the graph's inputs: a SymInt input is its
+        symbol; a symbol that only appears as a tensor input's size is read with sym_size when needed."""
+        value = node.meta.get("val")
+        if isinstance(value, torch.SymInt) and isinstance(value.node.expr, sympy.Symbol):
+            self.builder.symbol_values[value.node.expr] = new
+        elif isinstance(value, torch.Tensor):
+            for dim, size in enumerate(value.shape):
+                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                    self.builder.symbol_sources.setdefault(size.node.expr, (new, dim))
 
     def _bind(self, node: fx.Node, new: fx.Node) -> None:
         value = node.meta.get("val")
@@ -290,8 +299,6 @@ class TokenShardingRewriter:
         self.graph.output(outputs)
 
     def _call(self, node: fx.Node) -> None:
-        import operator
-
         if node.target is operator.getitem and isinstance(self.env.get(node.args[0]), list):
             self.env[node] = self.env[node.args[0]][node.args[1]]
             return
@@ -318,7 +325,7 @@ class TokenShardingRewriter:
             self.env[node] = Value(result.dim(), replicated=new)
             self._cut_if_demanded(node)
         else:
-            self.env[node] = [Value(t.dim(), replicated=self.graph.call_function(__import__("operator").getitem, (new, i)))
+            self.env[node] = [Value(t.dim(), replicated=self.graph.call_function(operator.getitem, (new, i)))
                               for i, t in enumerate(result)]
 
     def _why_not_local(self, node: fx.Node) -> str:
@@ -373,7 +380,7 @@ class TokenShardingRewriter:
             self.bind_replicated(node, new)
             self._cut_if_demanded(node)
         elif isinstance(sharding.output, list):
-            self.env[node] = [Value(t.dim(), sharded=self.graph.call_function(__import__("operator").getitem, (new, i)),
+            self.env[node] = [Value(t.dim(), sharded=self.graph.call_function(operator.getitem, (new, i)),
                                     layout=layout, native_sharded=True)
                               for i, (t, layout) in enumerate(zip(node.meta["val"], sharding.output))]
         else:
