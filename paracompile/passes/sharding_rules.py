@@ -120,6 +120,27 @@ def rule_for(node: fx.Node) -> Optional[Callable[[OpView], Optional[Sharding]]]:
     return None
 
 
+def keeps_token_axis(*packets, input_name: str = "self", declines_when: str):
+    """Registers a rule for an op with one sharded input whose output keeps the token axis whole: the
+    decorated function maps (view, the input's layout) to the output's token dim, or None to decline."""
+
+    def register(output_dim):
+        def propagate(view: OpView) -> Optional[Sharding]:
+            layout = view.layout(input_name)
+            if layout is None:
+                return None
+            dim = output_dim(view, layout)
+            if dim is None:
+                return None
+            return Sharding(layout.at_dim(dim), {input_name: layout})
+
+        propagate.__name__ = output_dim.__name__
+        propagate.__doc__ = output_dim.__doc__
+        return rule(*packets, declines_when=declines_when)(propagate)
+
+    return register
+
+
 def normalize_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
@@ -188,57 +209,36 @@ def new_tensor(view: OpView) -> Optional[Sharding]:
     return Sharding(None, {"self": ANY})
 
 
-@rule(aten.view_as_real, aten.view_as_complex, declines_when="the token axis is the last dim")
-def complex_view(view: OpView) -> Optional[Sharding]:
-    layout = view.layout("self")
-    ndim = len(view.shape(view["self"]))
-    if layout is None or layout.dim >= ndim - 1:
-        return None
-    return Sharding(layout, {"self": layout})
+@keeps_token_axis(aten.view_as_real, aten.view_as_complex, declines_when="the token axis is the last dim")
+def complex_view(view: OpView, layout: TokenLayout) -> Optional[int]:
+    return layout.dim if layout.dim < len(view.shape(view["self"])) - 1 else None
 
 
 # ----------------------------------------------------------------------------------------------------
 # Ops over feature dims: fine as long as the token axis is not among the dims they reduce.
 
-@rule(aten.linear, declines_when="it contracts over the token axis")
-def linear(view: OpView) -> Optional[Sharding]:
-    layout = view.layout("input")
-    if layout is None or layout.dim == len(view.shape(view["input"])) - 1:
-        return None
-    return Sharding(layout, {"input": layout})
+@keeps_token_axis(aten.linear, input_name="input", declines_when="it contracts over the token axis")
+def linear(view: OpView, layout: TokenLayout) -> Optional[int]:
+    return layout.dim if layout.dim < len(view.shape(view["input"])) - 1 else None
 
 
-def _normalized_over_trailing(input_name: str, count: Callable[[OpView], int]):
-    def propagate(view: OpView) -> Optional[Sharding]:
-        layout = view.layout(input_name)
-        ndim = len(view.shape(view[input_name]))
-        if layout is None or layout.dim >= ndim - count(view):
-            return None
-        return Sharding(layout, {input_name: layout})
-
-    return propagate
+@keeps_token_axis(aten.layer_norm, aten.rms_norm, input_name="input",
+                  declines_when="it normalises over the token axis")
+def norm_over_trailing_dims(view: OpView, layout: TokenLayout) -> Optional[int]:
+    ndim = len(view.shape(view["input"]))
+    return layout.dim if layout.dim < ndim - len(view["normalized_shape"]) else None
 
 
-rule(aten.layer_norm, aten.rms_norm, declines_when="it normalises over the token axis")(_normalized_over_trailing("input", lambda v: len(v["normalized_shape"])))
+@keeps_token_axis(aten.group_norm, input_name="input", declines_when="it normalises over the token axis")
+def group_norm(view: OpView, layout: TokenLayout) -> Optional[int]:
+    return layout.dim if layout.dim == 0 else None
 
 
-@rule(aten.group_norm, declines_when="it normalises over the token axis")
-def group_norm(view: OpView) -> Optional[Sharding]:
-    layout = view.layout("input")
-    if layout is None or layout.dim != 0:
-        return None
-    return Sharding(layout, {"input": layout})
-
-
-@rule(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum, aten.cumprod,
-      aten.logcumsumexp, declines_when="it works along the token axis")
-def along_one_dim(view: OpView) -> Optional[Sharding]:
-    layout = view.layout("self")
-    if layout is None:
-        return None
-    if layout.dim == normalize_dim(view["dim"], len(view.shape(view["self"]))):
-        return None
-    return Sharding(layout, {"self": layout})
+@keeps_token_axis(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum, aten.cumprod,
+                  aten.logcumsumexp, declines_when="it works along the token axis")
+def along_one_dim(view: OpView, layout: TokenLayout) -> Optional[int]:
+    along = normalize_dim(view["dim"], len(view.shape(view["self"])))
+    return layout.dim if layout.dim != along else None
 
 
 @rule(aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.logsumexp, aten.any, aten.all,
@@ -318,51 +318,32 @@ def embedding(view: OpView) -> Optional[Sharding]:
     return Sharding(layout, {"indices": layout})
 
 
-@rule(aten.index_select, declines_when="it indexes along the token axis")
-def index_select(view: OpView) -> Optional[Sharding]:
-    layout = view.layout("self")
-    ndim = len(view.shape(view["self"]))
-    if layout is None or layout.dim == normalize_dim(view["dim"], ndim) or view.layout("index") is not None:
-        return None
-    return Sharding(layout, {"self": layout})
+@keeps_token_axis(aten.index_select, declines_when="it indexes along the token axis")
+def index_select(view: OpView, layout: TokenLayout) -> Optional[int]:
+    along = normalize_dim(view["dim"], len(view.shape(view["self"])))
+    return layout.dim if layout.dim != along and view.layout("index") is None else None
 
 
-@rule(aten.repeat_interleave, declines_when="it repeats along the token axis")
-def repeat_interleave(view: OpView) -> Optional[Sharding]:
-    if view.node.target is not aten.repeat_interleave.self_int:
+@keeps_token_axis(aten.repeat_interleave, declines_when="it repeats along the token axis")
+def repeat_interleave(view: OpView, layout: TokenLayout) -> Optional[int]:
+    if view.node.target is not aten.repeat_interleave.self_int or view["dim"] is None:
         return None
-    layout = view.layout("self")
-    if layout is None or view["dim"] is None:
-        return None
-    if layout.dim == normalize_dim(view["dim"], len(view.shape(view["self"]))):
-        return None
-    return Sharding(layout, {"self": layout})
+    along = normalize_dim(view["dim"], len(view.shape(view["self"])))
+    return layout.dim if layout.dim != along else None
 
 
-@rule(aten.flip, aten.roll, declines_when="it works along the token axis")
-def along_listed_dims(view: OpView) -> Optional[Sharding]:
-    layout = view.layout("self")
-    if layout is None:
-        return None
+@keeps_token_axis(aten.flip, aten.roll, declines_when="it works along the token axis")
+def along_listed_dims(view: OpView, layout: TokenLayout) -> Optional[int]:
     ndim = len(view.shape(view["self"]))
     dims = view.args.get("dims")
     dims = [dims] if isinstance(dims, int) else list(dims or [])
     if not dims or layout.dim in [normalize_dim(d, ndim) for d in dims]:
         return None
-    return Sharding(layout, {"self": layout})
+    return layout.dim
 
 
 # ----------------------------------------------------------------------------------------------------
 # Shape ops. Sizes in their arguments are global; the patches put the local token count in its place.
-
-def _local_size_patch(size_name: str, token_dim_in_output: int):
-    def patch(builder, args, local):
-        sizes = list(args[size_name])
-        sizes[token_dim_in_output] = local.length
-        return {**args, size_name: sizes}
-
-    return patch
-
 
 def _matching_dim(in_shape, in_dim, out_shape) -> Optional[int]:
     """The output dim that holds exactly the input's dim `in_dim` under a row-major reshape: same size,
@@ -376,7 +357,8 @@ def _matching_dim(in_shape, in_dim, out_shape) -> Optional[int]:
     return None
 
 
-@rule(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten._reshape_alias, declines_when="it splits or merges the token axis with other dims (an unpatchify, say)")
+@rule(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten._reshape_alias,
+      declines_when="it splits or merges the token axis with other dims (an unpatchify, say)")
 def reshape(view: OpView) -> Optional[Sharding]:
     layout = view.layout("self")
     if layout is None:
@@ -409,74 +391,50 @@ def expand(view: OpView) -> Optional[Sharding]:
     return Sharding(layout.at_dim(out_dim), {"self": layout}, patch)
 
 
-@rule(aten.repeat, declines_when="it repeats along the token axis")
-def repeat(view: OpView) -> Optional[Sharding]:
-    layout = view.layout("self")
-    if layout is None:
-        return None
+@keeps_token_axis(aten.repeat, declines_when="it repeats along the token axis")
+def repeat(view: OpView, layout: TokenLayout) -> Optional[int]:
     repeats = view["repeats"]
     out_dim = layout.dim + len(repeats) - len(view.shape(view["self"]))
-    if not (isinstance(repeats[out_dim], int) and repeats[out_dim] == 1):
-        return None
-    return Sharding(layout.at_dim(out_dim), {"self": layout})
+    return out_dim if isinstance(repeats[out_dim], int) and repeats[out_dim] == 1 else None
 
 
-@rule(aten.permute)
-def permute(view: OpView) -> Optional[Sharding]:
-    layout = view.layout("self")
-    if layout is None:
-        return None
+@keeps_token_axis(aten.permute, declines_when="never")
+def permute(view: OpView, layout: TokenLayout) -> Optional[int]:
     ndim = len(view.out_shape)
-    order = [normalize_dim(d, ndim) for d in view["dims"]]
-    return Sharding(layout.at_dim(order.index(layout.dim)), {"self": layout})
+    return [normalize_dim(d, ndim) for d in view["dims"]].index(layout.dim)
 
 
-@rule(aten.transpose, aten.swapaxes, aten.swapdims)
-def transpose(view: OpView) -> Optional[Sharding]:
-    layout = view.layout("self")
-    if layout is None:
-        return None
+@keeps_token_axis(aten.transpose, aten.swapaxes, aten.swapdims, declines_when="never")
+def transpose(view: OpView, layout: TokenLayout) -> Optional[int]:
     ndim = len(view.out_shape)
     first = normalize_dim(view.args.get("dim0", view.args.get("axis0")), ndim)
     second = normalize_dim(view.args.get("dim1", view.args.get("axis1")), ndim)
-    swapped = {first: second, second: first}.get(layout.dim, layout.dim)
-    return Sharding(layout.at_dim(swapped), {"self": layout})
+    return {first: second, second: first}.get(layout.dim, layout.dim)
 
 
-@rule(aten.t)
-def transpose_2d(view: OpView) -> Optional[Sharding]:
-    layout = view.layout("self")
-    if layout is None:
-        return None
-    ndim = len(view.out_shape)
-    return Sharding(layout.at_dim(ndim - 1 - layout.dim if ndim == 2 else layout.dim), {"self": layout})
+@keeps_token_axis(aten.t, declines_when="never")
+def transpose_2d(view: OpView, layout: TokenLayout) -> Optional[int]:
+    return 1 - layout.dim if len(view.out_shape) == 2 else layout.dim
 
 
-@rule(aten.movedim)
-def movedim(view: OpView) -> Optional[Sharding]:
-    layout = view.layout("self")
-    if layout is None:
-        return None
+@keeps_token_axis(aten.movedim, declines_when="never")
+def movedim(view: OpView, layout: TokenLayout) -> Optional[int]:
     ndim = len(view.out_shape)
     sources = view["source"] if isinstance(view["source"], (list, tuple)) else [view["source"]]
     targets = view["destination"] if isinstance(view["destination"], (list, tuple)) else [view["destination"]]
     sources = [normalize_dim(d, ndim) for d in sources]
-    targets = [normalize_dim(d, ndim) for d in targets]
-    order = [None] * ndim
+    order: list = [None] * ndim
     for source, target in zip(sources, targets):
-        order[target] = source
+        order[normalize_dim(target, ndim)] = source
     rest = iter(d for d in range(ndim) if d not in sources)
     order = [d if d is not None else next(rest) for d in order]
-    return Sharding(layout.at_dim(order.index(layout.dim)), {"self": layout})
+    return order.index(layout.dim)
 
 
-@rule(aten.unsqueeze)
-def unsqueeze(view: OpView) -> Optional[Sharding]:
-    layout = view.layout("self")
-    if layout is None:
-        return None
+@keeps_token_axis(aten.unsqueeze, declines_when="never")
+def unsqueeze(view: OpView, layout: TokenLayout) -> Optional[int]:
     dim = normalize_dim(view["dim"], len(view.out_shape))
-    return Sharding(layout.at_dim(layout.dim + (1 if dim <= layout.dim else 0)), {"self": layout})
+    return layout.dim + (1 if dim <= layout.dim else 0)
 
 
 @rule(aten.squeeze, declines_when="it squeezes the token axis")
@@ -501,15 +459,12 @@ def squeeze(view: OpView) -> Optional[Sharding]:
     return Sharding(layout.at_dim(layout.dim - sum(1 for d in dims if d < layout.dim)), {"self": layout}, patch)
 
 
-@rule(aten.select, declines_when="it picks single tokens")
-def select(view: OpView) -> Optional[Sharding]:
-    layout = view.layout("self")
-    if layout is None:
-        return None
+@keeps_token_axis(aten.select, declines_when="it picks single tokens")
+def select(view: OpView, layout: TokenLayout) -> Optional[int]:
     dim = normalize_dim(view["dim"], len(view.shape(view["self"])))
     if dim == layout.dim:
         return None
-    return Sharding(layout.at_dim(layout.dim - (1 if dim < layout.dim else 0)), {"self": layout})
+    return layout.dim - (1 if dim < layout.dim else 0)
 
 
 def _segment_range(layout: TokenLayout, start: Size, end: Size) -> Optional[tuple[int, int]]:
@@ -538,28 +493,31 @@ def _normalized_bounds(start, end, length) -> tuple[Size, Size]:
     return start, end
 
 
-@rule(aten.slice, declines_when="it slices the token axis away from segment boundaries")
-def slice_tokens(view: OpView) -> Optional[Sharding]:
-    layout = view.layout("self")
-    if layout is None:
-        return None
-    dim = normalize_dim(view["dim"], len(view.shape(view["self"])))
+def _slice_along(view: OpView, layout: TokenLayout, dim: int, start, end, step) -> Optional[Sharding]:
     if dim != layout.dim:
         return Sharding(layout, {"self": layout})
-    if view["step"] != 1:
+    if step != 1:
         return None
-    start, end = _normalized_bounds(view["start"], view["end"], layout.length)
+    start, end = _normalized_bounds(start, end, layout.length)
     found = _segment_range(layout, start, end)
     if found is None:
         return None
     first, last = found
 
     def patch(builder, args, local):
-        offsets = local.segment_offsets()
-        ends = local.segment_ends()
-        return {**args, "start": offsets[first], "end": ends[last - 1]}
+        return {"__target__": aten.slice.Tensor, "self": args["self"], "dim": dim,
+                "start": local.segment_offsets()[first], "end": local.segment_ends()[last - 1], "step": 1}
 
-    return Sharding(TokenLayout(layout.dim, layout.segments[first:last]), {"self": layout}, patch)
+    return Sharding(TokenLayout(dim, layout.segments[first:last]), {"self": layout}, patch)
+
+
+@rule(aten.slice, declines_when="it slices the token axis away from segment boundaries")
+def slice_tokens(view: OpView) -> Optional[Sharding]:
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    dim = normalize_dim(view["dim"], len(view.shape(view["self"])))
+    return _slice_along(view, layout, dim, view["start"], view["end"], view["step"])
 
 
 @rule(aten.narrow, declines_when="it slices the token axis away from segment boundaries")
@@ -568,20 +526,7 @@ def narrow(view: OpView) -> Optional[Sharding]:
     if layout is None:
         return None
     dim = normalize_dim(view["dim"], len(view.shape(view["self"])))
-    if dim != layout.dim:
-        return Sharding(layout, {"self": layout})
-    start, end = _normalized_bounds(view["start"], view["start"] + view["length"], layout.length)
-    found = _segment_range(layout, start, end)
-    if found is None:
-        return None
-    first, last = found
-
-    def patch(builder, args, local):
-        offsets, ends = local.segment_offsets(), local.segment_ends()
-        return {"__target__": aten.slice.Tensor, "self": args["self"], "dim": dim,
-                "start": offsets[first], "end": ends[last - 1], "step": 1}
-
-    return Sharding(TokenLayout(layout.dim, layout.segments[first:last]), {"self": layout}, patch)
+    return _slice_along(view, layout, dim, view["start"], view["start"] + view["length"], 1)
 
 
 @rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split, aten.unsafe_split,
