@@ -47,9 +47,7 @@ class Report:
         return "\n".join(lines)
 
     def emit(self) -> None:
-        if not logger.handlers and not logging.getLogger().handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
-        logger.info(self.format())
+        """`explain=True` asks for the report, so it goes out at WARNING level: visible with logging not
+        configured (Python's last-resort handler prints it to stderr) and under a typical application
+        setup (the root logger at WARNING)."""
+        logger.warning(self.format())
