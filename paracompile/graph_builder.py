@@ -121,17 +121,18 @@ class GraphBuilder:
         return self.floordiv(self.add(a, b - 1), b)
 
     def minimum(self, *values: GraphSize) -> GraphSize:
-        result = values[0]
-        for value in values[1:]:
-            result = self._binary(torch.sym_min, result, value) if not (
-                isinstance(result, int) and isinstance(value, int)) else min(result, value)
-        return result
+        return self._fold(torch.sym_min, min, values)
 
     def maximum(self, *values: GraphSize) -> GraphSize:
+        return self._fold(torch.sym_max, max, values)
+
+    def _fold(self, symbolic, python, values) -> GraphSize:
         result = values[0]
         for value in values[1:]:
-            result = self._binary(torch.sym_max, result, value) if not (
-                isinstance(result, int) and isinstance(value, int)) else max(result, value)
+            if isinstance(result, int) and isinstance(value, int):
+                result = python(result, value)
+            else:
+                result = self.call(symbolic, result, value)
         return result
 
     def total(self, values: list[GraphSize]) -> GraphSize:
