@@ -39,6 +39,14 @@ INDUCTOR_RUNS = {
 }
 
 
+def _options(compiler):
+    if compiler == "inductor":
+        # Scalar C++ kernels (no vectorisation) compile ~30% faster on CPU; the paracompile path is
+        # the same. FLUX under Inductor (tests/test_diffusers_models.py) keeps the default codegen.
+        return {"compiler": "inductor", "inductor": {"cpp.vec_isa_ok": False}}
+    return {"compiler": compiler}
+
+
 def _run_sequences(rank, world_size, runs, compiler):
     results = {}
     for name, (compile_kwargs, model_kwargs, sizes) in runs.items():
@@ -48,7 +56,7 @@ def _run_sequences(rank, world_size, runs, compiler):
         compiled = None
         calls = []
         for size in sizes:
-            result = run_compiled_vs_eager(model, toy_inputs(**size), {"compiler": compiler},
+            result = run_compiled_vs_eager(model, toy_inputs(**size), _options(compiler),
                                            record=(compiler == "eager"), compiled=compiled, **compile_kwargs)
             compiled = result.get("compiled")
             calls.append(without_callables(result))

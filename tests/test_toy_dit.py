@@ -16,6 +16,7 @@ from tests.multiprocess import run_on_ranks
 from tests.toy_dit import ToyDiT, toy_inputs
 
 UNEVEN = dict(height=10, width=14)  # 5x7 = 35 image tokens: divisible by neither 2 nor 4
+SCALAR_CPP = {"cpp.vec_isa_ok": False}
 
 # name -> how to build the model, its inputs and the options. "expect": "ulysses" when every
 # self-attention must run with Ulysses, "replicated" when paracompile must fall back.
@@ -62,7 +63,7 @@ def _run_scenarios(rank, world_size, names, compiler="eager"):
 
 
 # 4 ranks on 2 cores compile at half speed: on 4 ranks, skip the scenarios that are no harder there.
-TWO_RANKS_ONLY = {"default", "non_square", "uneven_text6"}
+TWO_RANKS_ONLY = {"default", "non_square", "uneven_text6", "text_mask", "explicit_mesh"}
 WORLD_SIZES = (2, 4)
 
 
@@ -154,13 +155,15 @@ def test_world_size_one_inductor_matches_eager():
     assert not (dist.is_available() and dist.is_initialized())
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = ToyDiT().eval()
+    model = ToyDiT(depth=1).eval()  # one block: Inductor compiles take tens of seconds on CPU
     call_inputs = toy_inputs(**UNEVEN, text_length=7)
     backend.rewritten_graphs.clear()
     try:
         with torch.no_grad():
             expected = model(**call_inputs)
-            compiled = torch.compile(model, backend="paracompile")  # default compiler: inductor
+            # Default compiler: Inductor. Scalar C++ kernels (no vectorisation) compile ~30% faster
+            # on CPU; the paracompile path is the same.
+            compiled = torch.compile(model, backend="paracompile", options={"inductor": SCALAR_CPP})
             output = compiled(**call_inputs)
     finally:
         torch._dynamo.reset()
