@@ -292,7 +292,7 @@ def worker(args) -> None:
             device = torch.device("cpu")
             torch.set_num_threads(1)  # a dry run: small shapes, small shared machines
         if world_size > 1:
-            dist.init_process_group("nccl" if cuda else "gloo")
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
         dtype = torch.bfloat16 if cuda else torch.float32
         spec = workload_spec(args.workload, args.tiny, args.blocks)
         result.update(versions(), device=torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -397,7 +397,7 @@ def median(values: list) -> float:
 # ----------------------------------------------------------------------------------------------- harness
 
 
-def launch(setup: str, args, log_path: str) -> dict:
+def launch(setup: str, args, log_path: str, timeout: float) -> dict:
     world = SETUPS[setup]["world"]
     forwarded = ["--workload", args.workload, "--steps", str(args.steps), "--warmup", str(args.warmup), "--out",
                  args.out, "--worker", setup]
@@ -429,7 +429,7 @@ def launch(setup: str, args, log_path: str) -> dict:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                    start_new_session=True)
         try:
-            returncode = process.wait(timeout=args.setup_timeout)
+            returncode = process.wait(timeout=timeout)
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
@@ -463,7 +463,7 @@ def launch(setup: str, args, log_path: str) -> dict:
         result = ok[0]
     else:
         result = dict(setup=setup, status="timeout" if timed_out else "error",
-                      error=(f"no result within {args.setup_timeout} s" if timed_out else
+                      error=(f"no result within {timeout:.0f} s, killed" if timed_out else
                              f"exit code {returncode}, no result line: " + last_error(text)))
     result["command"] = " ".join(shlex.quote(c) for c in command)
     result["process_wall_s"] = wall
@@ -589,12 +589,25 @@ def harness(args) -> None:
                   config=spec["config"], tokens=spec["tokens"], runs=[dict(command=command, date=now)], setups={})
     path = os.path.join(args.out, f"compare_{spec['tag']}.json")
     report = report if args.fresh else merge(load(path), report)
+    started = time.monotonic()
     for setup in setups:
         print(f"[{time.strftime('%H:%M:%S')}] {args.workload} {setup} ...", flush=True)
+        timeout = args.setup_timeout
+        if args.deadline:
+            timeout = min(timeout, args.deadline - (time.monotonic() - started))
         if args.tiny and setup in NEEDS_CUDA:
             result = dict(setup=setup, status="skipped", reason=f"CPU dry run: {NEEDS_CUDA[setup]}")
+        elif timeout < 30:
+            if setup in report["setups"]:  # keep what an earlier call measured
+                print("    not run: --deadline reached; keeping the earlier result", flush=True)
+                continue
+            result = dict(setup=setup, status="not run", reason=f"--deadline {args.deadline} s reached before it")
         else:
-            result = launch(setup, args, os.path.join(args.out, "logs", f"{spec['tag']}_{setup}.log"))
+            result = launch(setup, args, os.path.join(args.out, "logs", f"{spec['tag']}_{setup}.log"), timeout)
+            earlier = report["setups"].get(setup, {})
+            if result["status"] == "timeout" and timeout < args.setup_timeout and earlier.get("status") == "ok":
+                print(f"    killed at --deadline; keeping the earlier result", flush=True)
+                continue
         report["setups"][setup] = result
         if result.get("status") == "ok":
             print(f"    {result['ms']:.2f} ms/step, first call {result['first_call_s']:.1f} s, "
@@ -603,8 +616,8 @@ def harness(args) -> None:
                   flush=True)
         else:
             print(f"    {result['status']}: {result.get('error') or result.get('reason')}"[:600], flush=True)
-        markdown_path = write_report(report, args.out)
-    print(open(markdown_path).read())
+        write_report(report, args.out)  # after every setup: a call cut short keeps what it measured
+    print(open(write_report(report, args.out)).read())
 
 
 def merge_files(args) -> None:
@@ -632,6 +645,9 @@ def main() -> None:
                              "(default: native for Ulysses, _native_cudnn for Ring, which needs the log-sum-exp "
                              "that native lacks)")
     parser.add_argument("--setup-timeout", type=int, default=900, help="seconds before a setup's processes are killed")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds for the whole invocation: a setup still running then is killed and recorded "
+                             "as a timeout, later ones are not started (for calls with a time limit)")
     parser.add_argument("--fresh", action="store_true", help="start a new table instead of merging into --out's")
     parser.add_argument("--merge", nargs="+", default=None, help="only merge these compare_*.json into --out")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
