@@ -491,7 +491,11 @@ def merge(into: dict | None, new: dict) -> dict:
         return new
     merged = dict(into)
     merged["setups"] = dict(into.get("setups", {}))
-    merged["setups"].update(new.get("setups", {}))
+    for name, result in new.get("setups", {}).items():
+        # a later result wins, except one that did not run at all over one that did
+        if result.get("status") in ("not run", "skipped", "cut off") and name in merged["setups"]:
+            continue
+        merged["setups"][name] = result
     merged["runs"] = into.get("runs", []) + [run for run in new.get("runs", []) if run not in into.get("runs", [])]
     return merged
 
@@ -604,10 +608,12 @@ def harness(args) -> None:
             result = dict(setup=setup, status="not run", reason=f"--deadline {args.deadline} s reached before it")
         else:
             result = launch(setup, args, os.path.join(args.out, "logs", f"{spec['tag']}_{setup}.log"), timeout)
-            earlier = report["setups"].get(setup, {})
-            if result["status"] == "timeout" and timeout < args.setup_timeout and earlier.get("status") == "ok":
-                print(f"    killed at --deadline; keeping the earlier result", flush=True)
-                continue
+            if result["status"] == "timeout" and timeout < args.setup_timeout:
+                result.update(status="cut off", error=f"killed at --deadline {args.deadline:.0f} s (it had "
+                                                      f"{timeout:.0f} s)")
+                if report["setups"].get(setup, {}).get("status") == "ok":
+                    print("    killed at --deadline; keeping the earlier result", flush=True)
+                    continue
         report["setups"][setup] = result
         if result.get("status") == "ok":
             print(f"    {result['ms']:.2f} ms/step, first call {result['first_call_s']:.1f} s, "
