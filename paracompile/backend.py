@@ -15,9 +15,10 @@ import torch
 import torch.fx as fx
 
 from paracompile.explain import Report
-from paracompile.mesh import resolve_mesh
+from paracompile.mesh import resolve_auto, resolve_mesh
 from paracompile.options import Options, parse_options
-from paracompile.passes.shard_tokens import attention_nodes, shard_tokens
+from paracompile.passes.shard_batch import shard_batch
+from paracompile.passes.shard_tokens import attention_nodes, self_attention_head_counts, shard_tokens
 from paracompile.passes.trace_to_aten import check_fixed_scalars, trace_to_aten
 from paracompile.passes.ulysses_attention import rewrite_attention
 
@@ -40,10 +41,22 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
                       "compiling it replicated on every rank", stacklevel=2)
         return check_fixed_scalars(compile_graph(aten_graph, example_inputs, parsed), fixed_scalars)
 
+    plan = resolve_auto(plan, self_attention_head_counts(aten_graph.graph))
     report = Report(world=plan.describe())
-    sharded = shard_tokens(aten_graph, plan.ulysses, report, rewrite_attention, strict_ulysses=plan.explicit)
-    sharded.graph.eliminate_dead_code()
-    sharded.recompile()
+    sharded = aten_graph
+    if plan.batch is not None:
+        batch_report = Report()
+        sharded = shard_batch(sharded, plan.batch, batch_report)
+        report.slices += [f"batch: {line}" for line in batch_report.slices]
+        report.gathers += [f"batch: {line}" for line in batch_report.gathers]
+    if plan.sequence is not None:
+        sharded = shard_tokens(sharded, plan.sequence, report, rewrite_attention, mesh=plan)
+        sharded.graph.eliminate_dead_code()
+        sharded.recompile()
+    elif plan.batch is not None:
+        report.attention += batch_report.attention
+    if plan.ring is not None or plan.batch is not None:
+        report.notes.append(f"process groups: {plan.describe_groups()}")
     explanations.append(report.format())
     rewritten_graphs.append(sharded)
     if parsed.explain:

@@ -52,7 +52,11 @@ class SegmentArithmetic:
         return _running_offsets(self.builder, self.chunks)
 
     def local_lengths(self) -> list[GraphSize]:
-        b, rank = self.builder, self.group.rank
+        return self.lengths_of_rank(self.group.rank)
+
+    def lengths_of_rank(self, rank: int) -> list[GraphSize]:
+        """How many tokens of each segment `rank` holds."""
+        b = self.builder
         lengths = []
         for length, chunk in zip(self.lengths, self.chunks):
             remaining = b.sub(length, b.mul(chunk, rank))
@@ -76,16 +80,49 @@ def _running_offsets(builder: GraphBuilder, sizes: list[GraphSize]) -> list[Grap
 
 def slice_to_layout(builder: GraphBuilder, tensor: fx.Node, layout: TokenLayout, group: ProcessGroupInfo) -> fx.Node:
     """Replicated full tensor -> this rank's shard. Only slicing: no communication."""
+    return select_shards(builder, tensor, layout, group, [group.rank])
+
+
+def select_shards(builder: GraphBuilder, tensor: fx.Node, layout: TokenLayout, group: ProcessGroupInfo,
+                  ranks: list[int], padded: bool = False, ndim: int = 0) -> fx.Node:
+    """Replicated full tensor -> the shards of `ranks`, rank after rank, each in segment order; with
+    `padded`, every segment piece zero-padded to its chunk length (padded rank-major order)."""
     sizes = SegmentArithmetic(builder, layout, group)
     pieces = []
-    for offset, length, chunk in zip(sizes.global_offsets(), sizes.lengths, sizes.chunks):
-        segment = tensor
-        if len(layout.segments) > 1:
-            segment = builder.narrow(tensor, layout.dim, offset, length)
-        start = builder.mul(chunk, group.rank)
-        # aten.slice clamps start and end to the segment, which gives the ragged last shards.
-        pieces.append(builder.call(aten.slice.Tensor, segment, layout.dim, start, builder.add(start, chunk)))
+    for rank in ranks:
+        lengths = sizes.lengths_of_rank(rank) if padded else None
+        for index, (offset, length, chunk) in enumerate(zip(sizes.global_offsets(), sizes.lengths, sizes.chunks)):
+            segment = tensor
+            if len(layout.segments) > 1:
+                segment = builder.narrow(tensor, layout.dim, offset, length)
+            start = builder.mul(chunk, rank)
+            # aten.slice clamps start and end to the segment, which gives the ragged last shards.
+            piece = builder.call(aten.slice.Tensor, segment, layout.dim, start, builder.add(start, chunk))
+            if padded:
+                piece = builder.pad_end(piece, layout.dim, ndim, builder.sub(chunk, lengths[index]))
+            pieces.append(piece)
     return builder.cat(pieces, layout.dim)
+
+
+def drop_padding(builder: GraphBuilder, tensor: fx.Node, layout: TokenLayout, group: ProcessGroupInfo,
+                 ranks: list[int]) -> fx.Node:
+    """Padded rank-major order of the shards of `ranks` -> the same tokens without the padding."""
+    sizes = SegmentArithmetic(builder, layout, group)
+    if sizes.evenly_split:
+        return tensor
+    per_rank = builder.total(sizes.chunks)
+    pieces = []
+    for position, rank in enumerate(ranks):
+        base = builder.mul(per_rank, position)
+        for offset, length in zip(sizes.chunk_offsets(), sizes.lengths_of_rank(rank)):
+            pieces.append(builder.narrow(tensor, layout.dim, builder.add(base, offset), length))
+    return builder.cat(pieces, layout.dim)
+
+
+def shards_length(builder: GraphBuilder, layout: TokenLayout, group: ProcessGroupInfo, ranks: list[int]) -> GraphSize:
+    """How many tokens the shards of `ranks` hold together."""
+    sizes = SegmentArithmetic(builder, layout, group)
+    return builder.total([length for rank in ranks for length in sizes.lengths_of_rank(rank)])
 
 
 def pad_to_chunks(builder: GraphBuilder, tensor: fx.Node, ndim: int, layout: TokenLayout,
@@ -152,6 +189,22 @@ def gather(builder: GraphBuilder, tensor: fx.Node, ndim: int, layout: TokenLayou
     gathered = builder.call(functional.wait_tensor.default, gathered)
     ordered = rank_major_to_global(builder, gathered, layout.at_dim(0), group)
     return builder.call(aten.movedim.int, ordered, 0, layout.dim) if layout.dim != 0 else ordered
+
+
+def send_to_next_rank(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo) -> fx.Node:
+    """Starts passing `tensor` one step round the ring (rank i sends to i + 1 and receives from i - 1).
+    Returns the collective's pending result: `wait_tensor` it later, after the compute it should overlap.
+    One all_to_all_single with a single non-empty split each way is a permute that works on every
+    backend (gloo included) and on tensors of any shape (the splits count slices of a new leading dim)."""
+    destination, source = (group.rank + 1) % group.size, (group.rank - 1) % group.size
+    send = [1 if rank == destination else 0 for rank in range(group.size)]
+    receive = [1 if rank == source else 0 for rank in range(group.size)]
+    leading = builder.call(aten.unsqueeze.default, builder.call(aten.contiguous.default, tensor), 0)
+    return builder.call(functional.all_to_all_single.default, leading, receive, send, group.group_name)
+
+
+def wait_for_next_rank(builder: GraphBuilder, pending: fx.Node) -> fx.Node:
+    return builder.call(aten.squeeze.dim, builder.call(functional.wait_tensor.default, pending), 0)
 
 
 def all_to_all(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo) -> fx.Node:

@@ -1,13 +1,25 @@
-"""The device mesh: which ranks split tokens, heads and batches, and how the graph names their groups.
+"""The device mesh: which ranks split batches, tokens and heads, and the process groups of each split.
 
 The `mesh` option is "auto", a dict of dim names to degrees, or a `torch.distributed.DeviceMesh` whose
-dim names are among `batch`, `ring` and `ulysses`. With a dict, ranks are laid out like
-`init_device_mesh(device, degrees, mesh_dim_names=names)` in the order batch, ring, ulysses: Ulysses
-groups are consecutive ranks (the fastest links on one host), ring groups stride over them.
+dim names are among `batch`, `ring` and `ulysses`.
+
+Rank layout. With a dict, ranks are laid out like `init_device_mesh(device, (batch, ring, ulysses),
+mesh_dim_names=("batch", "ring", "ulysses"))`: rank = (batch_index * ring + ring_index) * ulysses +
+ulysses_index. So a Ulysses group is consecutive ranks (its all-to-alls are the heaviest traffic and get
+the fastest links of one host), a ring group strides over Ulysses groups, and the batch dim is
+outermost. With a DeviceMesh, its own rank tensor decides, whatever the order of its dims.
+
+Groups. Every rank belongs to one group per dim (its ranks differ only in that dim's index), and to one
+*sequence* group: the ranks of its batch index, ring-major (sequence rank = ring_index * ulysses +
+ulysses_index). Tokens are split over the sequence group, so the u tokens shards of one Ulysses group
+are consecutive chunks, and Ring attention passes whole Ulysses-group blocks round the ring.
+
+"auto" is resolved once the graph is known (`resolve_auto`): the Ulysses degree is the largest divisor
+of the world size that divides every self-attention head count, and Ring takes the rest.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -17,16 +29,31 @@ from paracompile.collectives import ProcessGroupInfo
 from paracompile.options import MESH_DIM_NAMES
 
 
-@dataclass
+@dataclass(frozen=True)
 class MeshPlan:
     world_size: int
     degrees: dict  # name -> degree, for every name in MESH_DIM_NAMES
-    ulysses: Optional[ProcessGroupInfo]  # the sequence-parallel group, None when the world is one rank
     explicit: bool  # the user named the Ulysses degree: a head count it does not divide is an error
+    auto: bool = False  # "auto": degrees are provisional until resolve_auto has seen the graph
+    rank_layout: Optional[tuple] = None  # nested tuples [batch][ring][ulysses] -> global rank
+    batch: Optional[ProcessGroupInfo] = None
+    ring: Optional[ProcessGroupInfo] = None
+    ulysses: Optional[ProcessGroupInfo] = None
+    sequence: Optional[ProcessGroupInfo] = None  # ring x ulysses: the group that splits tokens
+    auto_reason: str = ""
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {self.degrees[name]}" for name in MESH_DIM_NAMES)
-        return f"world size {self.world_size}, mesh: {parts}{'' if self.explicit else ' (auto)'}"
+        chosen = f" (auto: {self.auto_reason})" if self.auto_reason else ""
+        return f"world size {self.world_size}, mesh: {parts}{chosen}"
+
+    def describe_groups(self) -> str:
+        if self.rank_layout is None:
+            return "one rank"
+        layout = torch.tensor(self.rank_layout)
+        ulysses_groups = layout.reshape(-1, self.degrees["ulysses"]).tolist()
+        ring_groups = layout.transpose(1, 2).reshape(-1, self.degrees["ring"]).tolist()
+        return f"ulysses groups {ulysses_groups}, ring groups {ring_groups}"
 
 
 def _world_size() -> int:
@@ -40,7 +67,7 @@ def resolve_mesh(mesh: Any) -> MeshPlan:
             raise ValueError(f"paracompile: option 'mesh' must be 'auto', a dict of {list(MESH_DIM_NAMES)} "
                              f"to degrees, or a DeviceMesh; got {mesh!r}")
         degrees = {"batch": 1, "ring": 1, "ulysses": world_size}
-        return _plan(world_size, degrees, explicit=False, device_mesh=None)
+        return _plan(world_size, degrees, explicit=False, layout=None, auto=world_size > 1)
     if isinstance(mesh, dict):
         unknown = sorted(set(mesh) - set(MESH_DIM_NAMES))
         if unknown:
@@ -49,15 +76,37 @@ def resolve_mesh(mesh: Any) -> MeshPlan:
             if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
                 raise ValueError(f"paracompile: mesh degree for '{name}' must be a positive int, got {degree!r}")
         degrees = {name: mesh.get(name, 1) for name in MESH_DIM_NAMES}
-        return _plan(world_size, degrees, explicit="ulysses" in mesh, device_mesh=None)
+        return _plan(world_size, degrees, explicit="ulysses" in mesh, layout=None)
     if _is_device_mesh(mesh):
         names = mesh.mesh_dim_names
         if not names or any(name not in MESH_DIM_NAMES for name in names):
             raise ValueError(f"paracompile: a DeviceMesh's dims must be named among {list(MESH_DIM_NAMES)}; "
                              f"got {names}")
         degrees = {name: (mesh.size(names.index(name)) if name in names else 1) for name in MESH_DIM_NAMES}
-        return _plan(world_size, degrees, explicit="ulysses" in names, device_mesh=mesh)
+        # The mesh's rank tensor with its dims put in (batch, ring, ulysses) order.
+        ranks = mesh.mesh
+        for name in MESH_DIM_NAMES:
+            if name not in names:
+                ranks = ranks.unsqueeze(-1)
+                names = tuple(names) + (name,)
+        ranks = ranks.permute([names.index(name) for name in MESH_DIM_NAMES])
+        return _plan(world_size, degrees, explicit="ulysses" in mesh.mesh_dim_names, layout=ranks)
     raise ValueError(f"paracompile: option 'mesh' must be 'auto', a dict or a DeviceMesh; got {type(mesh).__name__}")
+
+
+def resolve_auto(plan: MeshPlan, head_counts: list[int]) -> MeshPlan:
+    """`mesh="auto"` once the self-attention head counts are known: the largest Ulysses degree that
+    divides the world size and every head count, Ring for the rest."""
+    if not plan.auto:
+        return plan
+    world = plan.world_size
+    counts = sorted(set(head_counts))
+    ulysses = max(d for d in range(1, world + 1) if world % d == 0 and all(h % d == 0 for h in counts))
+    degrees = {"batch": 1, "ring": world // ulysses, "ulysses": ulysses}
+    reason = (f"Ulysses {ulysses} is the largest divisor of the world size {world} that divides every "
+              f"self-attention head count {counts}" + (f"; Ring takes the remaining {world // ulysses}"
+                                                        if ulysses < world else ""))
+    return replace(_plan(world, degrees, explicit=False, layout=None), auto_reason=reason)
 
 
 def _is_device_mesh(value: Any) -> bool:
@@ -68,7 +117,8 @@ def _is_device_mesh(value: Any) -> bool:
     return isinstance(value, DeviceMesh)
 
 
-def _plan(world_size: int, degrees: dict, explicit: bool, device_mesh) -> MeshPlan:
+def _plan(world_size: int, degrees: dict, explicit: bool, layout: Optional[torch.Tensor],
+          auto: bool = False) -> MeshPlan:
     total = degrees["batch"] * degrees["ring"] * degrees["ulysses"]
     if total > 1 and not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"paracompile: mesh {degrees} needs {total} ranks, but no process group is initialised; "
@@ -76,17 +126,57 @@ def _plan(world_size: int, degrees: dict, explicit: bool, device_mesh) -> MeshPl
     if total != world_size:
         raise ValueError(f"paracompile: the mesh degrees {degrees} multiply to {total}, but the world size is "
                          f"{world_size}")
-    for name in ("ring", "batch"):
-        if degrees[name] > 1:
-            raise NotImplementedError(f"paracompile: the '{name}' mesh dim is not implemented yet; use a mesh of "
-                                      "Ulysses degree only (e.g. {'ulysses': %d})" % world_size)
     if world_size == 1:
-        return MeshPlan(1, degrees, None, explicit)
-    if device_mesh is not None:
-        process_group = device_mesh.get_group("ulysses")
-        rank = device_mesh.get_local_rank("ulysses")
-    else:
-        process_group = dist.distributed_c10d._get_default_group()
-        rank = dist.get_rank()
-    group = ProcessGroupInfo(degrees["ulysses"], rank, process_group.group_name)
-    return MeshPlan(world_size, degrees, group, explicit)
+        return MeshPlan(1, degrees, explicit)
+    if layout is None:
+        layout = torch.arange(world_size).reshape(degrees["batch"], degrees["ring"], degrees["ulysses"])
+    rank_layout = tuple(tuple(tuple(int(r) for r in row) for row in plane) for plane in layout.tolist())
+    groups = _groups(rank_layout)
+    return MeshPlan(world_size, degrees, explicit, auto=auto, rank_layout=rank_layout, **groups)
+
+
+# Process groups are made once per rank layout: every rank must create every group, in the same order,
+# and recompiles must not create new ones.
+_GROUP_CACHE: dict[tuple, dict] = {}
+
+
+def _groups(rank_layout: tuple) -> dict:
+    if rank_layout in _GROUP_CACHE:
+        return _GROUP_CACHE[rank_layout]
+    layout = torch.tensor(rank_layout)
+    batch, ring, ulysses = layout.shape
+    me = dist.get_rank()
+    b, r, u = [int(i) for i in (layout == me).nonzero()[0]]
+    members = {
+        "batch": (layout.permute(1, 2, 0).reshape(-1, batch), b),
+        "ring": (layout.permute(0, 2, 1).reshape(-1, ring), r),
+        "ulysses": (layout.reshape(-1, ulysses), u),
+        "sequence": (layout.reshape(batch, ring * ulysses), r * ulysses + u),
+    }
+    groups = {}
+    for name, (ranks, my_index) in members.items():
+        ranks = ranks.tolist()
+        size = len(ranks[0])
+        if size == 1:
+            groups[name] = None
+            continue
+        groups[name] = ProcessGroupInfo(size, my_index, _group_name(ranks))
+    _GROUP_CACHE[rank_layout] = groups
+    return groups
+
+
+_GROUPS_BY_RANKS: dict[tuple, str] = {}
+
+
+def _group_name(ranks_per_group: list[list[int]]) -> str:
+    """The name of this rank's group among `ranks_per_group` (a partition of the world), creating the
+    groups on first use. The default group serves where one group holds the world in rank order."""
+    key = tuple(tuple(group) for group in ranks_per_group)
+    if key not in _GROUPS_BY_RANKS:
+        if len(key) == 1 and list(key[0]) == list(range(dist.get_world_size())):
+            name = dist.distributed_c10d._get_default_group().group_name
+        else:
+            mine, _ = dist.new_subgroups_by_enumeration([list(group) for group in key])
+            name = mine.group_name
+        _GROUPS_BY_RANKS[key] = name
+    return _GROUPS_BY_RANKS[key]

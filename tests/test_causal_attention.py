@@ -1,5 +1,6 @@
-"""`is_causal=True` self-attention: Ulysses runs it in global token order, which keeps the causal mask exact,
-also for token counts the ranks do not divide and after a recompile with dynamic sizes."""
+"""`is_causal=True` self-attention: Ulysses runs it in global token order and Ring masks each step by the
+global positions of its queries and keys, which keeps the causal mask exact, also for token counts the
+ranks do not divide and after a recompile with dynamic sizes."""
 import pytest
 import torch
 import torch.nn as nn
@@ -21,12 +22,12 @@ class CausalSelfAttention(nn.Module):
         return self.out(attended) + x
 
 
-def _causal_errors(rank, world_size):
+def _causal_errors(rank, world_size, mesh):
     import paracompile.backend as backend
 
     torch.manual_seed(0)
     model = CausalSelfAttention().eval()
-    compiled = torch.compile(model, backend="paracompile", options={"compiler": "eager"})
+    compiled = torch.compile(model, backend="paracompile", options={"compiler": "eager", "mesh": mesh})
     errors = []
     for tokens in (12, 13, 7):
         x = torch.randn(2, tokens, 16)
@@ -35,8 +36,13 @@ def _causal_errors(rank, world_size):
     return errors, list(backend.explanations)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_causal_attention_matches_eager(world_size):
-    for errors, explanations in run_on_ranks(_causal_errors, world_size, timeout=600):
+@pytest.mark.parametrize("world_size, mesh, expected", [
+    (2, "auto", "ulysses over 2 ranks"),
+    (4, "auto", "ulysses over 4 ranks"),
+    (2, {"ring": 2}, "ring over 2 ranks"),
+    (4, {"ulysses": 2, "ring": 2}, "ring over 2 ranks (ulysses 2 inside"),
+], ids=["ulysses2", "ulysses4", "ring2", "ulysses2_ring2"])
+def test_causal_attention_matches_eager(world_size, mesh, expected):
+    for errors, explanations in run_on_ranks(_causal_errors, world_size, mesh, timeout=600):
         assert max(errors) < 1e-4, errors
-        assert all("causal" in text and f"ulysses over {world_size} ranks" in text for text in explanations)
+        assert all("causal" in text and expected in text for text in explanations), explanations

@@ -40,11 +40,38 @@ def attention_nodes(graph: fx.Graph) -> list[fx.Node]:
     return [node for node in graph.nodes if node.op == "call_function" and node.target is ATTENTION]
 
 
+def self_attention_head_counts(graph: fx.Graph) -> list[int]:
+    """Head counts of the attentions whose queries and keys have the same token count."""
+    counts = []
+    for node in attention_nodes(graph):
+        view = OpView(node, lambda _: None)
+        query_shape, key_shape = view.shape(view["query"]), view.shape(view["key"])
+        if len(query_shape) >= 3 and same_size(query_shape[-2], key_shape[-2]) and isinstance(query_shape[-3], int):
+            counts.append(query_shape[-3])
+    return counts
+
+
 # ----------------------------------------------------------------------------------------------------
 # 1. Demand analysis
 
 def find_token_dims(graph: fx.Graph) -> dict[fx.Node, int]:
     """For each node that feeds the token axis of some self-attention: the dim of its token axis."""
+    seeds = []
+    for node in attention_nodes(graph):
+        view = OpView(node, lambda _: None)
+        query, key = view["query"], view["key"]
+        token_dim = len(view.shape(query)) - 2
+        seeds.append((query, token_dim))
+        if same_size(view.shape(query)[token_dim], view.shape(key)[token_dim]):
+            # Self or joint attention. Cross-attention keeps its (short) keys and values replicated,
+            # which needs no communication at all.
+            seeds += [(key, token_dim), (view["value"], token_dim)]
+    return find_axis_sources(seeds)
+
+
+def find_axis_sources(seeds: list[tuple[fx.Node, int]]) -> dict[fx.Node, int]:
+    """From (node, dim) seeds, walks back through the ops that have a rule: for each node reached, the
+    dim at which it carries the seeds' axis."""
     demands: dict[fx.Node, int] = {}
     worklist: list[fx.Node] = []
 
@@ -53,16 +80,8 @@ def find_token_dims(graph: fx.Graph) -> dict[fx.Node, int]:
             demands[node] = dim
             worklist.append(node)
 
-    for node in attention_nodes(graph):
-        view = OpView(node, lambda _: None)
-        query, key = view["query"], view["key"]
-        token_dim = len(view.shape(query)) - 2
-        demand(query, token_dim)
-        if same_size(view.shape(query)[token_dim], view.shape(key)[token_dim]):
-            # Self or joint attention. Cross-attention keeps its (short) keys and values replicated,
-            # which needs no communication at all.
-            demand(key, token_dim)
-            demand(view["value"], token_dim)
+    for node, dim in seeds:
+        demand(node, dim)
 
     while worklist:
         node = worklist.pop()
@@ -155,13 +174,13 @@ class LocalShard:
 
 class TokenShardingRewriter:
     def __init__(self, gm: fx.GraphModule, group: ProcessGroupInfo, report: Report, attention_strategy,
-                 strict_ulysses: bool = False, demands: Optional[dict] = None,
-                 source_segments: Optional[dict] = None):
+                 mesh=None, demands: Optional[dict] = None, source_segments: Optional[dict] = None):
         self.gm = gm
-        self.group = group
+        self.group = group  # the group that splits the axis this pass shards
+        self.mesh = mesh  # the whole MeshPlan, for attention strategies that use its other groups
         self.report = report
         self.attention_strategy = attention_strategy
-        self.strict_ulysses = strict_ulysses
+        self.strict_ulysses = bool(mesh is not None and mesh.explicit)
         self.graph = fx.Graph()
         self.builder = GraphBuilder(self.graph, {})
         self.env: dict[fx.Node, Any] = {}
@@ -472,20 +491,23 @@ def _is_tensor_list(value: Any) -> bool:
 
 
 def shard_tokens(gm: fx.GraphModule, group: ProcessGroupInfo, report: Report, attention_strategy,
-                 strict_ulysses: bool = False, rounds: int = 3) -> fx.GraphModule:
+                 mesh=None, demands: Optional[dict] = None, rounds: int = 3) -> fx.GraphModule:
     """Runs the rewrite; where a source was cut with a segment split its users re-split, cuts it again
-    with the split they need (at most `rounds` times)."""
-    demands = find_token_dims(gm.graph)
+    with the split they need (at most `rounds` times). `demands` defaults to the token axes that feed
+    self-attention (find_token_dims)."""
+    demands = find_token_dims(gm.graph) if demands is None else demands
     source_segments: dict = {}
     for _ in range(rounds):
         round_report = Report(world=report.world)
-        rewriter = TokenShardingRewriter(gm, group, round_report, attention_strategy, strict_ulysses,
+        rewriter = TokenShardingRewriter(gm, group, round_report, attention_strategy, mesh,
                                          demands, source_segments)
         result = rewriter.run()
         better = rewriter.better_source_segments()
         if len(better) == len(source_segments):
             break
         source_segments = better
-    report.attention, report.slices, report.gathers, report.notes = (
-        round_report.attention, round_report.slices, round_report.gathers, round_report.notes)
+    report.attention += round_report.attention
+    report.slices += round_report.slices
+    report.gathers += round_report.gathers
+    report.notes += round_report.notes
     return result

@@ -234,6 +234,14 @@ def group_norm(view: OpView, layout: TokenLayout) -> Optional[int]:
     return layout.dim if layout.dim == 0 else None
 
 
+@keeps_token_axis(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten.conv_transpose1d,
+                  aten.conv_transpose2d, aten.conv_transpose3d, input_name="input",
+                  declines_when="it convolves over the split axis")
+def convolution(view: OpView, layout: TokenLayout) -> Optional[int]:
+    """Dim 0 of a convolution is its batch: every entry is convolved on its own."""
+    return 0 if layout.dim == 0 else None
+
+
 @keeps_token_axis(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum, aten.cumprod,
                   aten.logcumsumexp, declines_when="it works along the token axis")
 def along_one_dim(view: OpView, layout: TokenLayout) -> Optional[int]:

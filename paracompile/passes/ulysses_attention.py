@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from paracompile import collectives
 from paracompile.explain import describe_node
+from paracompile.passes.ring_attention import ring_attention
 from paracompile.passes.sharding_rules import OpView
 from paracompile.passes.token_layout import known_divisible, same_size
 
@@ -68,13 +69,21 @@ def rewrite_attention(rewriter, node: fx.Node) -> None:
         return
 
     heads, key_heads = view.shape(query)[head_dim], view.shape(key)[head_dim]
-    if not known_divisible(heads, group.size):
+    mesh = rewriter.mesh
+    ulysses_size = mesh.ulysses.size if mesh.ulysses is not None else 1
+    if not known_divisible(heads, ulysses_size):
         if rewriter.strict_ulysses:
             raise HeadCountError(
-                f"paracompile: {name} has {heads} attention heads, which the Ulysses degree {group.size} does "
+                f"paracompile: {name} has {heads} attention heads, which the Ulysses degree {ulysses_size} does "
                 "not divide. Use a Ulysses degree that divides the head count, or mesh='auto'."
             )
-        fallback(f"{heads} heads are not divisible by the Ulysses degree {group.size}")
+        fallback(f"{heads} heads are not divisible by the Ulysses degree {ulysses_size}")
+        return
+    if mesh.ring is not None:
+        if ndim != 4:
+            fallback("ring attention needs [batch, heads, tokens, head size] inputs")
+            return
+        ring_attention(rewriter, node, view, layouts, heads)
         return
     _ulysses(rewriter, node, view, layouts, heads, key_heads)
 

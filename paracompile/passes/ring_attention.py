@@ -1,0 +1,318 @@
+"""Ring attention (with Ulysses inside each ring step when the mesh has both).
+
+Invariant: the rewritten attention returns this rank's token shard of exactly the output the original
+node computes on full tensors.
+
+Tokens are split over the sequence group (ring x ulysses ranks; see mesh.py). With a Ulysses degree u
+above 1, one all-to-all inside the Ulysses group first turns this rank's tokens x all heads into the
+group's tokens x this rank's heads, as in plain Ulysses. Each rank then keeps its queries, and the keys
+and values of its Ulysses group (a *block*: padding dropped, so a block holds exactly its ranks' tokens)
+travel round the ring in r - 1 steps. Every step attends the queries to the block in hand with a kernel
+that also returns the log-sum-exp (LSE), and merges the partial output into a running one in fp32:
+
+    lse_new = logaddexp(lse, lse_step)
+    out     = out + exp(lse_step - lse_new) * (out_step - out)
+
+The transfer of the next block is issued before the current step's attention and waited for after it,
+so the collective overlaps the compute. Blocks of unequal length (uneven shards) are padded to the
+longest for the transfer; the receiver narrows each to its sender's length, which it knows because
+every rank's shard length follows from the layout.
+
+Masks and `is_causal`: the mask rows of this rank's queries and the mask columns of each block's keys
+are sliced from the full mask; causal masks are built from the global positions of both. Kernels: on
+CPU `_scaled_dot_product_flash_attention_for_cpu`; on CUDA the flash, memory-efficient or cuDNN kernel
+that SDPA's own dispatcher picks for these inputs (`torch._fused_sdp_choice`), or an explicit fp32
+computation where it picks the math kernel.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from paracompile import collectives
+from paracompile.explain import describe_node
+from paracompile.passes.token_layout import same_size
+
+aten = torch.ops.aten
+SDPBackend = torch.nn.attention.SDPBackend
+
+
+def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
+    builder, mesh = rewriter.builder, rewriter.mesh
+    sequence, ulysses, ring = mesh.sequence, mesh.ulysses, mesh.ring
+    ulysses_size = ulysses.size if ulysses is not None else 1
+    name = describe_node(node)
+    query_layout, key_layout, value_layout = layouts
+    query_shape, key_shape = view.shape(view["query"]), view.shape(view["key"])
+    ndim = len(query_shape)
+    token_dim, head_dim = ndim - 2, ndim - 3
+    causal = bool(view["is_causal"])
+    scale = view["scale"]
+    query_value = view["query"].meta["val"]
+    ring_index = ring.rank
+
+    def ranks_of_block(ring_position: int) -> list[int]:
+        return [ring_position * ulysses_size + member for member in range(ulysses_size)]
+
+    my_ranks = ranks_of_block(ring_index)
+
+    query = rewriter.sharded(view["query"], query_layout, name)
+    key = rewriter.sharded(view["key"], key_layout, name)
+    value = rewriter.sharded(view["value"], value_layout, name)
+    key_heads = key_shape[head_dim]
+    if not same_size(heads, key_heads):
+        # Grouped-query attention: give every query head its key head, so heads split evenly.
+        repeats = heads // key_heads
+        key = builder.call(aten.repeat_interleave.self_int, key, repeats, head_dim)
+        value = builder.call(aten.repeat_interleave.self_int, value, repeats, head_dim)
+
+    # Ulysses inside the block: queries stay in padded rank-major order (the way back needs it); keys
+    # and values drop their padding, so padded keys never take part in a softmax.
+    if ulysses_size > 1:
+        query = _scatter_heads(builder, query, ndim, query_layout, sequence, ulysses, head_dim, token_dim)
+        key = collectives.drop_padding(
+            builder, _scatter_heads(builder, key, ndim, key_layout, sequence, ulysses, head_dim, token_dim),
+            key_layout, sequence, my_ranks)
+        value = collectives.drop_padding(
+            builder, _scatter_heads(builder, value, ndim, value_layout, sequence, ulysses, head_dim, token_dim),
+            value_layout, sequence, my_ranks)
+
+    block_lengths = [collectives.shards_length(builder, key_layout, sequence, ranks_of_block(j)) for j in range(ring.size)]
+    longest = builder.maximum(*block_lengths)
+    even_blocks = all(isinstance(n, int) for n in block_lengths) and len(set(block_lengths)) == 1
+    if not key_layout.same_split(value_layout):
+        raise NotImplementedError(f"paracompile: {name}: keys and values are split differently; ring attention "
+                                  "needs them token for token")
+    if not even_blocks:
+        key = builder.pad_end(key, token_dim, ndim, builder.sub(longest, block_lengths[ring_index]))
+        value = builder.pad_end(value, token_dim, ndim, builder.sub(longest, block_lengths[ring_index]))
+    same_kind = _same_shapes(key_shape, view.shape(view["value"])) and \
+        view["key"].meta["val"].dtype == view["value"].meta["val"].dtype
+    block = builder.call(aten.stack.default, [key, value], 0) if same_kind else None
+
+    # Masks: this rank's query rows (in the order the queries are in now), then per block its columns.
+    mask = view["attn_mask"]
+    query_rows = None
+    if isinstance(mask, fx.Node):
+        full_mask = rewriter.replicated(mask, f"{name}: attention masks are sliced per ring step")
+        mask_shape = view.shape(mask)
+        full_mask = _mask_to_query_heads(builder, full_mask, mask_shape, heads, ulysses)
+        if len(mask_shape) >= 2 and not same_size(mask_shape[-2], 1):
+            query_rows = _query_order(builder, full_mask, len(mask_shape) - 2, len(mask_shape), query_layout,
+                                      sequence, my_ranks, ulysses_size)
+        else:
+            query_rows = full_mask
+    elif causal:
+        device = query_value.device
+        positions = builder.call(aten.arange.default, builder.size(query_layout.length), dtype=torch.int64,
+                                 device=device)
+        query_positions = _query_order(builder, positions, 0, 1, query_layout.at_dim(0), sequence, my_ranks,
+                                       ulysses_size)
+
+    kernel = _choose_kernel(query_value, view, has_mask=isinstance(mask, fx.Node) or causal, heads=heads,
+                            ulysses_size=ulysses_size)
+    masked = isinstance(mask, fx.Node) or causal
+    output = log_sum_exp = None
+    pending = None
+    for step in range(ring.size):
+        source = (ring_index - step) % ring.size
+        if step < ring.size - 1:
+            # Start moving the next block before attending to this one, so the two overlap.
+            if same_kind:
+                pending = collectives.send_to_next_rank(builder, block, ring)
+            else:
+                pending = (collectives.send_to_next_rank(builder, key, ring),
+                           collectives.send_to_next_rank(builder, value, ring))
+        if same_kind:
+            step_key = builder.call(aten.select.int, block, 0, 0)
+            step_value = builder.call(aten.select.int, block, 0, 1)
+        else:
+            step_key, step_value = key, value
+        if not even_blocks:
+            step_key = builder.narrow(step_key, token_dim, 0, block_lengths[source])
+            step_value = builder.narrow(step_value, token_dim, 0, block_lengths[source])
+
+        step_mask = None
+        if isinstance(mask, fx.Node):
+            mask_shape = view.shape(mask)
+            if len(mask_shape) >= 1 and not same_size(mask_shape[-1], 1):
+                step_mask = collectives.select_shards(builder, query_rows, key_layout.at_dim(len(mask_shape) - 1),
+                                                      sequence, ranks_of_block(source))
+            else:
+                step_mask = query_rows
+            step_mask = _additive(builder, step_mask, mask.meta["val"].dtype, query_value.dtype)
+        elif causal:
+            key_positions = collectives.select_shards(builder, positions, key_layout.at_dim(0), sequence,
+                                                      ranks_of_block(source))
+            allowed = builder.call(aten.le.Tensor, builder.call(aten.unsqueeze.default, key_positions, 0),
+                                   builder.call(aten.unsqueeze.default, query_positions, 1))
+            step_mask = _additive(builder, allowed, torch.bool, query_value.dtype)
+
+        step_output, step_lse = _partial_attention(builder, kernel, query, step_key, step_value, step_mask, scale,
+                                                   ndim)
+        if masked:
+            # A query row whose keys in this block are all masked must not count: kernels disagree on what
+            # they return for it (CPU flash: LSE 0), so set its LSE to -inf and its output to 0.
+            empty = builder.call(aten.isneginf.default, builder.call(aten.amax.default, step_mask, [-1]))
+            step_lse = builder.call(aten.where.ScalarSelf, empty, float("-inf"), step_lse)
+            step_output = builder.call(aten.where.ScalarSelf, builder.call(aten.unsqueeze.default, empty, -1), 0.0,
+                                       step_output)
+        if output is None:
+            output, log_sum_exp = step_output, step_lse
+        else:
+            merged_lse = builder.call(aten.logaddexp.default, log_sum_exp, step_lse)
+            weight = builder.call(aten.exp.default, builder.call(aten.sub.Tensor, step_lse, merged_lse))
+            if masked:
+                weight = builder.call(aten.nan_to_num.default, weight, 0.0)
+            weight = builder.call(aten.unsqueeze.default, weight, -1)
+            output = builder.call(aten.add.Tensor, output, builder.call(
+                aten.mul.Tensor, weight, builder.call(aten.sub.Tensor, step_output, output)))
+            log_sum_exp = merged_lse
+        if pending is not None:
+            if same_kind:
+                block = collectives.wait_for_next_rank(builder, pending)
+            else:
+                key, value = (collectives.wait_for_next_rank(builder, p) for p in pending)
+            pending = None
+
+    output = builder.call(aten._to_copy.default, output, dtype=query_value.dtype)
+    output.meta["paracompile_attention"] = "ring"
+    if ulysses_size > 1:
+        output = collectives.scatter_tokens_gather_heads(builder, output, head_dim, token_dim, ulysses)
+        output = collectives.unpad_chunks(builder, output, query_layout, sequence)
+    rewriter.bind_sharded(node, output, query_layout)
+    inner = f"ulysses {ulysses_size} inside, " if ulysses_size > 1 else ""
+    rewriter.report.attention.append(
+        f"{name}: ring over {ring.size} ranks ({inner}{kernel} kernel, {heads} heads; query segments "
+        f"{[str(s) for s in query_layout.segments]}, key segments {[str(s) for s in key_layout.segments]}"
+        f"{', causal' if causal else ''}{', with mask' if isinstance(mask, fx.Node) else ''}"
+        f"{'' if even_blocks else ', uneven blocks'})")
+
+
+def _scatter_heads(builder, tensor, ndim, layout, sequence, ulysses, head_dim, token_dim):
+    padded = collectives.pad_to_chunks(builder, tensor, ndim, layout, sequence)
+    return collectives.scatter_heads_gather_tokens(builder, padded, head_dim, token_dim, ulysses)
+
+
+def _query_order(builder, tensor, dim, ndim, layout, sequence, my_ranks, ulysses_size):
+    """Rows of a full tensor (mask, positions) in the order this rank's queries are in."""
+    return collectives.select_shards(builder, tensor, layout.at_dim(dim), sequence, my_ranks,
+                                     padded=ulysses_size > 1, ndim=ndim)
+
+
+def _mask_to_query_heads(builder, mask, mask_shape, heads, ulysses):
+    """With Ulysses inside, this rank attends only its group of heads: keep that group's mask heads."""
+    head_dim = len(mask_shape) - 3
+    if ulysses is None or head_dim < 0 or same_size(mask_shape[head_dim], 1):
+        return mask
+    per_rank = heads // ulysses.size
+    return builder.narrow(mask, head_dim, per_rank * ulysses.rank, per_rank)
+
+
+def _additive(builder, mask, mask_dtype, dtype):
+    """The kernels take additive masks: a boolean one (True = attend) becomes 0 / -inf."""
+    if mask_dtype != torch.bool:
+        return mask if mask_dtype == dtype else builder.call(aten._to_copy.default, mask, dtype=dtype)
+    blocked = builder.call(aten.logical_not.default, mask)
+    zeros = builder.call(aten.zeros_like.default, mask, dtype=dtype)
+    return builder.call(aten.masked_fill.Scalar, zeros, blocked, float("-inf"))
+
+
+def _same_shapes(a, b) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels that return the log-sum-exp
+
+
+def _choose_kernel(query_value: torch.Tensor, view, has_mask: bool, heads, ulysses_size: int) -> str:
+    """The kernel SDPA's dispatcher would pick for one ring step's inputs on this device."""
+    if query_value.device.type == "cpu":
+        return "cpu_flash"
+    if query_value.device.type != "cuda":
+        return "math"
+    shape = [int(_hint(s)) for s in query_value.shape]
+    shape[-3] = max(1, shape[-3] // ulysses_size)
+    shape = [min(s, 4) if i < len(shape) - 3 else s for i, s in enumerate(shape)]  # batch dims do not matter
+    probe = torch.empty(shape, dtype=query_value.dtype, device=query_value.device)
+    mask = torch.zeros(shape[:-1] + [shape[-2]], dtype=query_value.dtype, device=query_value.device) \
+        if has_mask else None
+    try:
+        choice = SDPBackend(torch._fused_sdp_choice(probe, probe, probe, mask, 0.0, False, scale=view["scale"]))
+    except Exception:  # an unknown backend value or a torch without the helper: the exact fp32 path
+        return "math"
+    if choice == SDPBackend.FLASH_ATTENTION and not has_mask:
+        return "flash"
+    if choice == SDPBackend.CUDNN_ATTENTION:
+        return "cudnn"
+    if choice in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        return "efficient"
+    return "math"
+
+
+def _hint(size) -> int:
+    if isinstance(size, int):
+        return size
+    return size.node.hint if size.node.hint is not None else 64
+
+
+def _partial_attention(builder, kernel: str, query, key, value, mask: Optional[fx.Node], scale, ndim: int):
+    """(output, log-sum-exp in fp32 of shape output.shape[:-1]) of attention over these keys only."""
+    if kernel == "cpu_flash":
+        result = builder.call(aten._scaled_dot_product_flash_attention_for_cpu.default, query, key, value, 0.0,
+                              False, attn_mask=mask, scale=scale)
+        return _output_and_lse(builder, result, query)
+    if kernel == "flash":
+        result = builder.call(aten._scaled_dot_product_flash_attention.default, query, key, value, 0.0, False,
+                              False, scale=scale)
+        return _output_and_lse(builder, result, query)
+    if kernel in ("efficient", "cudnn"):
+        bias = None
+        if mask is not None:
+            # The kernels read a [B, H, Lq, Lk] bias whose rows start on 16-element boundaries.
+            bias = builder.call(aten.expand.default, mask, _attention_scores_shape(builder, query, key))
+            length = builder.call(aten.sym_size.int, key, ndim - 2)
+            aligned = builder.mul(builder.ceildiv(length, 16), 16)
+            bias = builder.narrow(builder.pad_end(bias, 3, 4, builder.sub(aligned, length)), 3, 0, length)
+        target = (aten._scaled_dot_product_efficient_attention.default if kernel == "efficient"
+                  else aten._scaled_dot_product_cudnn_attention.default)
+        result = builder.call(target, query, key, value, bias, True, 0.0, False, scale=scale)
+        return _output_and_lse(builder, result, query)
+    return _math_attention(builder, query, key, value, mask, scale)
+
+
+def _output_and_lse(builder, result, query):
+    output = builder.call(aten._to_copy.default, builder.call(operator.getitem, result, 0), dtype=torch.float32)
+    lse = builder.call(operator.getitem, result, 1)
+    # CUDA kernels pad the LSE's query dim (efficient: to a multiple of 32) or add a trailing dim (cuDNN).
+    rows = builder.call(aten.sym_size.int, query, -2)
+    lse = builder.call(aten.reshape.default, lse, [builder.call(aten.sym_size.int, query, d) for d in range(2)] + [-1])
+    lse = builder.narrow(lse, 2, 0, rows)
+    return output, builder.call(aten._to_copy.default, lse, dtype=torch.float32)
+
+
+def _attention_scores_shape(builder, query, key):
+    return [builder.call(aten.sym_size.int, query, 0), builder.call(aten.sym_size.int, query, 1),
+            builder.call(aten.sym_size.int, query, 2), builder.call(aten.sym_size.int, key, 2)]
+
+
+def _math_attention(builder, query, key, value, mask, scale):
+    query = builder.call(aten._to_copy.default, query, dtype=torch.float32)
+    key = builder.call(aten._to_copy.default, key, dtype=torch.float32)
+    value = builder.call(aten._to_copy.default, value, dtype=torch.float32)
+    if scale is None:  # SDPA's default, 1 / sqrt(head size)
+        scale = builder.call(aten.rsqrt.default, builder.call(
+            aten.scalar_tensor.default, builder.call(aten.sym_size.int, query, -1), dtype=torch.float32))
+    scores = builder.call(aten.matmul.default, query, builder.call(aten.transpose.int, key, -2, -1))
+    scores = builder.call(aten.mul.Tensor, scores, scale)
+    if mask is not None:
+        scores = builder.call(aten.add.Tensor, scores, mask)
+    lse = builder.call(aten.logsumexp.default, scores, [-1], True)
+    probabilities = builder.call(aten.exp.default, builder.call(aten.sub.Tensor, scores, lse))
+    output = builder.call(aten.matmul.default, probabilities, value)
+    return output, builder.call(aten.squeeze.dim, lse, -1)
+

@@ -1,0 +1,82 @@
+"""Batch sharding: the `batch` mesh dim (classifier-free-guidance parallelism).
+
+Invariant after the pass: the returned graph, run on every rank of a batch group with the same full
+inputs, returns the same full outputs as the original graph; in between, every op that treats batch
+rows independently runs on this rank's rows (batch / degree of them), and outputs are all-gathered.
+
+The batch axis is traced like the token axis (shard_tokens.py, with the same rule table): from dim 0 of
+every attention's q, k, v (and mask, when it has one row per batch entry) back to where it starts. Then
+the token pass runs on the result, over the sequence group of this rank's batch index.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from paracompile.collectives import ProcessGroupInfo
+from paracompile.explain import Report, describe_node
+from paracompile.passes.sharding_rules import OpView
+from paracompile.passes.shard_tokens import attention_nodes, find_axis_sources, shard_tokens
+from paracompile.passes.token_layout import known_divisible, same_size
+
+
+class BatchSizeError(ValueError):
+    pass
+
+
+def shard_batch(gm: fx.GraphModule, group: ProcessGroupInfo, report: Report) -> fx.GraphModule:
+    seeds = []
+    for node in attention_nodes(gm.graph):
+        view = OpView(node, lambda _: None)
+        batch = view.shape(view["query"])[0]
+        if len(view.shape(view["query"])) < 3 or not known_divisible(batch, group.size):
+            raise BatchSizeError(
+                f"paracompile: {describe_node(node)} has batch size {batch}, which the batch mesh degree "
+                f"{group.size} does not divide; use a batch that the degree divides (e.g. cond and uncond "
+                "together), or a mesh without 'batch'")
+        seeds += [(view[name], 0) for name in ("query", "key", "value")]
+        mask = view["attn_mask"]
+        if isinstance(mask, fx.Node) and len(view.shape(mask)) >= 3 and not same_size(view.shape(mask)[0], 1):
+            seeds.append((mask, 0))
+    sharded = shard_tokens(gm, group, report, batch_local_attention, demands=find_axis_sources(seeds))
+    sharded.graph.eliminate_dead_code()
+    sharded.recompile()
+    _propagate_fake_values(sharded)
+    return sharded
+
+
+def batch_local_attention(rewriter, node: fx.Node) -> None:
+    """Attention treats batch rows independently: on batch shards it runs as it is."""
+    view = OpView(node, rewriter.layout_of)
+    layout = view.layout("query")
+    name = describe_node(node)
+    args = dict(view.args)
+    if layout is None or layout.dim != 0:
+        for tensor_name in ("query", "key", "value", "attn_mask"):
+            if isinstance(args[tensor_name], fx.Node):
+                args[tensor_name] = rewriter.replicated(args[tensor_name], f"{name}: queries are not batch-split")
+        rewriter.bind_replicated(node, rewriter._emit(node.target, args))
+        rewriter.report.attention.append(f"{name}: replicated (the batch axis does not reach its queries)")
+        return
+    for tensor_name in ("query", "key", "value"):
+        args[tensor_name] = rewriter.sharded(view[tensor_name], layout, name)
+    mask = view["attn_mask"]
+    if isinstance(mask, fx.Node):
+        mask_shape = view.shape(mask)
+        if len(mask_shape) >= 3 and not same_size(mask_shape[0], 1):
+            args["attn_mask"] = rewriter.sharded(mask, layout, name)
+        else:
+            args["attn_mask"] = rewriter.replicated(mask, name)
+    new = rewriter._emit(node.target, args)
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    rewriter.bind_sharded(node, new, layout)
+    rewriter.report.attention.append(f"{name}: batch rows split over {rewriter.group.size} ranks")
+
+
+def _propagate_fake_values(gm: fx.GraphModule) -> None:
+    """The token pass reads shapes from node.meta["val"]: recompute them for the new graph."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    values = [node.meta["val"] for node in placeholders]
+    fake_mode = torch._guards.detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
+    FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*values)
