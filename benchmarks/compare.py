@@ -27,9 +27,12 @@ time of each step, ranks released together by a barrier), wall time of the first
 Inductor's cache stays where torch puts it, so a rerun on the same machine may compile faster: each result
 records how many files the cache held when it started), peak memory, output statistics, and the output's
 difference from eager1's (saved in --out). A failing setup records its error and the harness goes on.
-Results are merged into --out/compare_<workload>.json and .md after every setup, so repeated invocations
-with the same --out (a warm machine, one group of setups per call) build up one table; `--merge` joins
-JSON files from separate calls.
+Results are merged into --out/compare_<workload>.json and .md after every setup (the name gains `_tiny` or
+`_blocks...` for those variants), so repeated invocations with the same --out (a warm machine, one group of
+setups per call) build up one table; `--merge a.json b.json --out DIR` joins JSON files from separate
+calls (a later result wins, except a setup that did not run or was cut off by --deadline). The markdown
+names every host the results came from. On the device machine, benchmarks/run_compare.sh installs the
+wheels, sets the environment and copies the results to $OUT.
 
 `--tiny` is a dry run on a CPU: tiny configs, float32, gloo, paracompile with compiler="eager", peers
 compiled with backend="eager", inductor1 through Inductor with scalar C++ kernels; setups that need CUDA
@@ -566,17 +569,18 @@ def summary(report: dict, base: float | None) -> str:
     if not ours or not base:
         return "Targets: not assessable (needs inductor1 and a paracompile setup that ran)."
     best_name, best = min(ours.items(), key=lambda item: item[1]["ms"])
-    text = [f"Best paracompile setup: {best_name}, {best['ms']:.1f} ms, {base / best['ms']:.2f}x one-GPU Inductor"]
+    text = f"Best paracompile setup: {best_name}, {best['ms']:.1f} ms, {base / best['ms']:.2f}x one-GPU Inductor"
     if target and not report.get("tiny"):
-        text.append(f"(target {target}x: {'met' if base / best['ms'] >= target else 'not met'})")
+        text += f" (target {target}x: {'met' if base / best['ms'] >= target else 'not met'})"
+    text += "."
     if peers:
         peer_name, peer = min(peers.items(), key=lambda item: item[1]["ms"])
-        text.append(f"; fastest peer: {peer_name}, {peer['ms']:.1f} ms ({base / peer['ms']:.2f}x): paracompile is "
-                    + ("faster" if best["ms"] < peer["ms"] else "NOT faster"))
+        text += (f" Fastest peer: {peer_name}, {peer['ms']:.1f} ms ({base / peer['ms']:.2f}x); paracompile is "
+                 + ("faster." if best["ms"] < peer["ms"] else "NOT faster."))
     missing = [n for n in SETUPS if n.split("_")[0] in ("diffusers", "paraattn") and n not in peers]
     if missing:
-        text.append(f". Peers without a time in this table: {', '.join(missing)}")
-    return " ".join(text) + "."
+        text += f" Peers without a time in this table: {', '.join(missing)}."
+    return text
 
 
 def harness(args) -> None:
