@@ -352,7 +352,7 @@ def worker(args) -> None:
         result.update(output_shape=list(output.shape), output_mean=output.mean().item(),
                       output_abs_mean=output.abs().mean().item(), output_nan=bool(output.isnan().any()))
         if rank == 0:
-            compare_with_reference(setup, spec, output, args.out, result)
+            compare_with_reference(setup, spec, output, args, result)
         if setup.startswith("paracompile_"):
             from paracompile.backend import explanations
 
@@ -371,17 +371,20 @@ def worker(args) -> None:
         dist.destroy_process_group()
 
 
-def compare_with_reference(setup: str, spec: dict, output, out_dir: str, result: dict) -> None:
-    """eager1 saves its output; the other setups report their difference from it (config checked)."""
+def compare_with_reference(setup: str, spec: dict, output, args, result: dict) -> None:
+    """eager1 saves its output in --out; the other setups report their difference from it (config checked),
+    or from --reference's when --out has none (a call on a fresh machine)."""
     import torch
 
-    path = os.path.join(out_dir, f"reference_{spec['tag']}.pt")
+    path = os.path.join(args.out, f"reference_{spec['tag']}.pt")
     if setup == "eager1":
         torch.save(dict(output=output, config=spec["config"], date=result["date"], host=result["host"]), path)
         result["reference"] = os.path.basename(path)
         return
     if not os.path.exists(path):
-        return
+        path = args.reference
+        if not path or not os.path.exists(path):
+            return
     reference = torch.load(path)
     if reference["config"] != spec["config"] or reference["output"].shape != output.shape:
         result["reference_mismatch"] = "eager1's saved output has another config or shape"
@@ -412,6 +415,8 @@ def launch(setup: str, args, log_path: str, timeout: float) -> dict:
         forwarded += ["--paracompile-options", args.paracompile_options]
     if args.diffusers_backend:
         forwarded += ["--diffusers-backend", args.diffusers_backend]
+    if args.reference:
+        forwarded += ["--reference", os.path.abspath(args.reference)]
     script = os.path.abspath(__file__)
     if world == 1:
         command = [sys.executable, script] + forwarded
@@ -654,6 +659,9 @@ def main() -> None:
                         help="diffusers attention backend for its native CP: a name, or 'ulysses=NAME,ring=NAME' "
                              "(default: native for Ulysses, _native_cudnn for Ring, which needs the log-sum-exp "
                              "that native lacks)")
+    parser.add_argument("--reference", default=None,
+                        help="an eager1 output (reference_<tag>.pt from an earlier call) to compare with when --out "
+                             "holds none")
     parser.add_argument("--setup-timeout", type=int, default=900, help="seconds before a setup's processes are killed")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds for the whole invocation: a setup still running then is killed and recorded "
