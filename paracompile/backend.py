@@ -65,6 +65,11 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) -> Callable:
+    if options.threshold > 0:
+        # First Block Cache: splits the graph around the block loop and compiles each part through this
+        # function again, with threshold 0 (passes/first_block_cache.py).
+        from paracompile.passes.first_block_cache import compile_with_first_block_cache
+        return compile_with_first_block_cache(gm, example_inputs, options, compile_graph)
     if options.compiler == "eager":
         return gm.forward
     from torch._inductor import list_mode_options

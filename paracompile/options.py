@@ -18,6 +18,9 @@ class Options:
     mode: Optional[str] = None
     inductor: dict = field(default_factory=dict)
     explain: bool = False
+    fbcache_warmup: int = 0
+    fbcache_max_hits: Optional[int] = None
+    timestep_arg: str = "timestep"
 
 
 _TYPES = {
@@ -26,6 +29,9 @@ _TYPES = {
     "mode": (str, type(None)),
     "inductor": (dict,),
     "explain": (bool,),
+    "fbcache_warmup": (int,),
+    "fbcache_max_hits": (int, type(None)),
+    "timestep_arg": (str,),
 }
 
 
@@ -45,4 +51,10 @@ def parse_options(raw: Optional[dict]) -> Options:
         raise ValueError(f"paracompile: option 'compiler' must be one of {list(COMPILERS)}, got {options.compiler!r}")
     if options.threshold < 0:
         raise ValueError(f"paracompile: option 'threshold' must be >= 0, got {options.threshold!r}")
+    if options.fbcache_warmup < 0:
+        raise ValueError(f"paracompile: option 'fbcache_warmup' must be >= 0, got {options.fbcache_warmup!r}")
+    if options.fbcache_max_hits is not None and options.fbcache_max_hits < 1:
+        raise ValueError(f"paracompile: option 'fbcache_max_hits' must be >= 1 or None, got {options.fbcache_max_hits!r}")
+    if not options.timestep_arg.isidentifier():
+        raise ValueError(f"paracompile: option 'timestep_arg' must name a forward argument, got {options.timestep_arg!r}")
     return options

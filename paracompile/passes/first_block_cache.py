@@ -1,0 +1,721 @@
+"""First Block Cache (FBCache): skip a DiT's blocks on the denoising steps where the first block's
+residual barely changed.
+
+Invariant: the callable this pass returns computes, on a miss, exactly what the graph computes (every node
+runs once, in graph order, split into three compiled parts), and on a hit what the graph's tail computes
+when each stream leaving the block region is replaced by (its value after block 0) + (the residual the
+region added to it at the slot's last miss). The decision reads one scalar that every rank computes from
+the same all-reduced sums, so all ranks take the same branch.
+
+How the graph is split (by position in the graph, which is execution order):
+- The block loop is the ModuleList(s) found in `nn_module_stack`: the outermost lists whose children hold
+  attention. Lists at the same (smallest) depth that run one after another (FLUX's `transformer_blocks`
+  then `single_transformer_blocks`) form one region. Block 0 is child 0 of the first list.
+- head: everything up to and including block 0's last node. rest: from there to the last node of the
+  region's last block. tail: everything after.
+- A value the tail reads from the rest must be a stream end: a tensor that, followed back through residual
+  additions (`x + f(x)`), casts, slices and concatenations, is exactly one value of the head (the stream's
+  value after block 0) with the same shape. Rest nodes the tail needs that do not depend on block work
+  (sizes, tables computed from the inputs) move into the head; anything else disables the cache.
+- The hidden stream (the one whose token axis feeds the output) decides: r = (its value after block 0) -
+  (block 0's input on that stream), computed in the head.
+
+Shapes come from `meta["val"]`; after sharding they are this rank's local shapes (the graph is fake-tensor
+propagated first), so every structural choice is also checked to be the same on every rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from paracompile.explain import describe_node
+from paracompile.options import Options
+
+logger = logging.getLogger("paracompile")
+aten = torch.ops.aten
+ATTENTION = aten.scaled_dot_product_attention.default
+
+HEAD, REST, TAIL = "head", "rest", "tail"
+
+# Ops a residual stream passes through unchanged in value (up to dtype) and shape: following them back
+# from a block's output reaches the block's input.
+_PASSTHROUGH = {
+    aten.clone.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+    aten.type_as.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+    aten.clamp.default, aten.clip.default, aten.view.default, aten.reshape.default,
+}
+_RESIDUAL_ADD = {aten.add.Tensor, aten.add_.Tensor}
+_RESIDUAL_SUB = {aten.sub.Tensor, aten.sub_.Tensor}
+# Pure size arithmetic: recomputed in every part that needs it instead of crossing parts.
+_SIZE_OPS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
+
+
+class CacheUnavailable(Exception):
+    """The graph has no block loop this pass can cache; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Module paths and blocks
+
+
+_PATH_TOKEN = re.compile(r"\['([^']*)'\]|\[(\d+)\]|([A-Za-z_][A-Za-z_0-9]*|\d+)")
+_PATH_NOISE = {"__dict__", "_modules"}
+
+
+def module_path(dynamo_path: str) -> tuple[str, ...]:
+    """`L['self'].__dict__['_modules']['blocks'].0` (or `L['self'].blocks[0]`) -> ('blocks', '0')."""
+    parts = [quoted or indexed or plain for quoted, indexed, plain in _PATH_TOKEN.findall(dynamo_path)]
+    if parts[:2] == ["L", "self"]:
+        parts = parts[2:]
+    return tuple(part for part in parts if part not in _PATH_NOISE)
+
+
+def block_of(node: fx.Node) -> Optional[tuple[tuple[str, ...], int]]:
+    """(list path, child index) of the outermost list child this node runs in, or None."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    for path, _ in stack.values():
+        parts = module_path(path)
+        if parts and parts[-1].isdigit():
+            return parts[:-1], int(parts[-1])
+    return None
+
+
+def _dotted(parts: tuple[str, ...]) -> str:
+    return ".".join(parts) or "<root>"
+
+
+@dataclass
+class BlockRegion:
+    lists: list[tuple[str, ...]]  # in execution order
+    blocks: list[tuple[tuple[str, ...], int]]  # every block of the region, block 0 first
+    positions: dict  # block -> (first position, last position)
+
+    @property
+    def first_block(self):
+        return self.blocks[0]
+
+    def describe_lists(self) -> str:
+        counts = {path: sum(1 for list_path, _ in self.blocks if list_path == path) for path in self.lists}
+        return ", ".join(f"{_dotted(path)} ({count} block{'s' if count != 1 else ''})" for path, count in counts.items())
+
+
+def find_block_region(nodes: list[fx.Node]) -> BlockRegion:
+    """The outermost ModuleList(s) whose children hold attention and run one after another."""
+    positions: dict = {}
+    with_attention: set = set()
+    for position, node in enumerate(nodes):
+        block = block_of(node) if node.op == "call_function" else None
+        if block is None:
+            continue
+        first, _ = positions.get(block, (position, position))
+        positions[block] = (first, position)
+        if node.target is ATTENTION:
+            with_attention.add(block[0])
+    if not with_attention:
+        raise CacheUnavailable("no ModuleList in the graph has children that run attention (no block loop)")
+    depth = min(len(path) for path in with_attention)
+    lists = sorted((path for path in with_attention if len(path) == depth),
+                   key=lambda path: min(positions[b][0] for b in positions if b[0] == path))
+    blocks = []
+    for path in lists:
+        indices = sorted(index for list_path, index in positions if list_path == path)
+        if indices != list(range(len(indices))):
+            raise CacheUnavailable(
+                f"{_dotted(path)} runs children {indices} in this graph, not 0..n-1: the graph holds only part of "
+                "the block loop (a graph break inside it?)")
+        blocks += [(path, index) for index in indices]
+    for previous, block in zip(blocks, blocks[1:]):
+        if positions[previous][1] >= positions[block][0]:
+            raise CacheUnavailable(
+                f"blocks {_dotted(previous[0])}.{previous[1]} and {_dotted(block[0])}.{block[1]} interleave: "
+                "the block loop's children do not run one after another")
+    if len(blocks) < 2:
+        raise CacheUnavailable(f"the block loop {_dotted(lists[0])} has a single block: nothing to skip")
+    return BlockRegion(lists, blocks, positions)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shapes
+
+
+def _val(node: Any):
+    return node.meta.get("val") if isinstance(node, fx.Node) else node
+
+
+def _is_tensor(node: Any) -> bool:
+    return isinstance(_val(node), torch.Tensor)
+
+
+def _known_equal(a, b) -> bool:
+    return statically_known_true(a == b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else a == b
+
+
+def _known_less_equal(a, b) -> bool:
+    return statically_known_true(a <= b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else a <= b
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    first, second = _val(a), _val(b)
+    return (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor) and first.dtype == second.dtype
+            and first.dim() == second.dim() and all(_known_equal(x, y) for x, y in zip(first.shape, second.shape)))
+
+
+def _shape_text(node: fx.Node) -> str:
+    value = _val(node)
+    return str(tuple(int(s) if isinstance(s, int) else str(s) for s in value.shape)) if isinstance(value, torch.Tensor) else "?"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Following a residual stream back
+
+
+@dataclass(frozen=True, eq=False)
+class _Window:
+    """The part [start, end) along `dim` of a tensor that the value being followed came from."""
+
+    dim: int
+    start: Any
+    end: Any
+
+
+def residual_sources(node: fx.Node, stop: Callable[[fx.Node], bool]) -> list[tuple[fx.Node, bool]]:
+    """Where the value `node` carries along its residual path comes from: walking back through residual
+    additions (both same-shape operands of `add`, the first of `sub`), casts and views that keep the
+    shape, and slices and concatenations (tracking which part of a concatenation a slice takes), up to the
+    first nodes for which `stop` holds. Returns (source, passed an addition) for every source reached whole,
+    with the same shape as `node`."""
+    found: list[tuple[fx.Node, bool]] = []
+    seen: set = set()
+    frontier: list[tuple[fx.Node, Optional[_Window], bool]] = [(node, None, False)]
+    while frontier:
+        current, window, added = frontier.pop()
+        # SymInt bounds are not hashable; their printed expressions identify them.
+        key = (current, None if window is None else (window.dim, str(window.start), str(window.end)), added)
+        if key in seen or not isinstance(current, fx.Node):
+            continue
+        seen.add(key)
+        if current is not node and stop(current):
+            if window is None and _same_shape(current, node) and all(s is not current for s, _ in found):
+                found.append((current, added))
+            continue
+        if current.op != "call_function" or not _is_tensor(current):
+            continue
+        target, args = current.target, current.args
+        if target in _RESIDUAL_ADD or target in _RESIDUAL_SUB:
+            operands = args[:2] if target in _RESIDUAL_ADD else args[:1]
+            for operand in operands:
+                if isinstance(operand, fx.Node) and _is_tensor(operand) and _same_shape_any_dtype(operand, current):
+                    frontier.append((operand, window, True))
+        elif target in _PASSTHROUGH:
+            source = args[0]
+            if isinstance(source, fx.Node) and _is_tensor(source) and _same_shape_any_dtype(source, current):
+                frontier.append((source, window, added))
+        elif target is aten.slice.Tensor:
+            frontier.extend(_through_slice(current, window, added))
+        elif target is aten.cat.default:
+            frontier.extend(_through_cat(current, window, added))
+    return found
+
+
+def _same_shape_any_dtype(a: fx.Node, b: fx.Node) -> bool:
+    first, second = _val(a), _val(b)
+    return first.dim() == second.dim() and all(_known_equal(x, y) for x, y in zip(first.shape, second.shape))
+
+
+def _normalized_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _through_slice(node: fx.Node, window: Optional[_Window], added: bool):
+    source = node.args[0]
+    ndim = _val(source).dim()
+    dim = _normalized_dim(node.args[1] if len(node.args) > 1 else 0, ndim)
+    start = _val(node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
+    end = _val(node.args[3]) if len(node.args) > 3 and node.args[3] is not None else None
+    step = node.args[4] if len(node.args) > 4 else 1
+    size = _val(source).shape[dim]
+    if step != 1 or not isinstance(start, (int, torch.SymInt)):
+        return []
+    if end is None or (isinstance(end, int) and end >= 2 ** 62):
+        end = size
+    if window is not None and window.dim != dim:
+        return []  # a slice of a slice along another dim: not a residual stream
+    if window is not None:
+        start, end = start + window.start, start + window.end
+    whole = _known_equal(start, 0) and _known_equal(end, size)
+    return [(source, None if whole else _Window(dim, start, end), added)]
+
+
+def _through_cat(node: fx.Node, window: Optional[_Window], added: bool):
+    pieces = node.args[0]
+    ndim = _val(node).dim()
+    dim = _normalized_dim(node.args[1] if len(node.args) > 1 else 0, ndim)
+    if window is None or window.dim != dim:
+        return []  # a stream is one piece of a concatenation, never all of it
+    followed, offset = [], 0
+    for piece in pieces:
+        length = _val(piece).shape[dim]
+        piece_end = offset + length
+        disjoint = _known_less_equal(piece_end, window.start) or _known_less_equal(window.end, offset)
+        if not disjoint and not _known_equal(length, 0):
+            whole = _known_equal(window.start, offset) and _known_equal(window.end, piece_end)
+            inner = None if whole else _Window(dim, window.start - offset, window.end - offset)
+            followed.append((piece, inner, added))
+        offset = piece_end
+    return followed
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Stream:
+    start: fx.Node  # its value after block 0 (a head node)
+    end: fx.Node  # its value after the region (a rest node the tail reads)
+
+
+@dataclass
+class CachePlan:
+    region: BlockRegion
+    part: dict  # node -> HEAD / REST / TAIL (placeholders and get_attr nodes are in none)
+    streams: list[Stream]
+    hidden: int  # index into streams
+    hidden_input: fx.Node  # block 0's input on the hidden stream
+    carried: list[fx.Node]  # block 0's outputs that are residual streams (cached or not)
+    size_substitutes: dict = field(default_factory=dict)  # rest size node -> equivalent value for the tail
+    moved_to_head: list[fx.Node] = field(default_factory=list)
+    timestep_index: Optional[int] = None
+    timestep_name: Optional[str] = None
+
+    def signature(self) -> str:
+        """The structural choices, in words that are the same on every rank when the choices are."""
+        streams = ";".join(f"{_where(s.start)}>{_where(s.end)}" for s in self.streams)
+        return (f"{self.region.describe_lists()}|{streams}|{self.hidden}|{_where(self.hidden_input)}|"
+                f"{len(self.moved_to_head)}|{self.timestep_index}")
+
+
+def _where(node: fx.Node) -> str:
+    block = block_of(node)
+    place = f"{_dotted(block[0])}.{block[1]}" if block else "-"
+    return f"{getattr(node.target, '__name__', node.target)}@{place}"
+
+
+def _member_of(block) -> Callable[[fx.Node], bool]:
+    """Whether a node is an op of `block`: its module stack says so, or it unpacks an op of the block (the
+    sharding pass leaves its getitem nodes without a stack)."""
+
+    def member(node: fx.Node) -> bool:
+        if node.op != "call_function":
+            return False
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            return member(node.args[0])
+        return block_of(node) == block
+
+    return member
+
+
+def _is_size_node(node: fx.Node) -> bool:
+    """Pure size arithmetic on graph inputs (sym_size of an input, sums of sizes): cheap, so every part that
+    needs it recomputes it rather than receiving it from another part."""
+    value = _val(node)
+    if node.op != "call_function" or value is None or isinstance(value, (torch.Tensor, list, tuple)):
+        return False
+    if isinstance(node.target, torch._ops.OpOverload) and node.target not in _SIZE_OPS:
+        return False
+    return all(argument.op == "placeholder" or _is_size_node(argument) for argument in node.all_input_nodes)
+
+
+def plan_cache(gm: fx.GraphModule, timestep_arg: str) -> CachePlan:
+    nodes = list(gm.graph.nodes)
+    position = {node: index for index, node in enumerate(nodes)}
+    region = find_block_region(nodes)
+    block0 = region.first_block
+    head_end = region.positions[block0][1]
+    region_end = region.positions[region.blocks[-1]][1]
+
+    part: dict[fx.Node, str] = {}
+    for node in nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        if node.target is operator.getitem and node.args[0] in part:
+            part[node] = part[node.args[0]]  # unpacking lives with the op it unpacks
+        elif position[node] <= head_end:
+            part[node] = HEAD
+        elif position[node] <= region_end:
+            part[node] = REST
+        else:
+            part[node] = TAIL
+    if not any(p == REST for p in part.values()):
+        raise CacheUnavailable("nothing runs after block 0 inside the block loop")
+
+    # Rest nodes that need nothing from block work (neither a block's node nor anything computed from one)
+    # can run in the head, where a hit still computes them.
+    region_blocks = set(region.blocks)
+    block_work: set = set()
+    independent: set = set()
+    for node in nodes:
+        if node.op != "call_function":
+            continue
+        if block_of(node) in region_blocks or any(argument in block_work for argument in node.all_input_nodes):
+            block_work.add(node)
+        elif part.get(node) == REST:
+            independent.add(node)
+
+    output_node = nodes[-1]
+    tail_users = [n for n in nodes if part.get(n) == TAIL] + [output_node]
+    needed = []
+    for user in tail_users:
+        for argument in user.all_input_nodes:
+            if part.get(argument) == REST and argument not in needed:
+                needed.append(argument)
+
+    moved: list[fx.Node] = []
+    size_substitutes: dict = {}
+    ends: list[fx.Node] = []
+    for node in needed:
+        if node in independent:
+            _move_to_head(node, part, moved)
+        elif _is_tensor(node):
+            ends.append(node)
+        elif isinstance(_val(node), (int, torch.SymInt)):
+            size_substitutes[node] = _equivalent_size(node, nodes, part)
+        else:
+            raise CacheUnavailable(f"the code after the block loop reads {describe_node(node)}, a non-tensor "
+                                   "value computed inside it")
+    if not ends:
+        raise CacheUnavailable("nothing after the block loop reads a value the loop computes")
+
+    streams = []
+    for end in ends:
+        sources = residual_sources(end, stop=lambda n: n.op == "placeholder" or part.get(n) == HEAD)
+        if len(sources) != 1:
+            found = ", ".join(describe_node(s) for s, _ in sources) or "none"
+            raise CacheUnavailable(
+                f"the code after the block loop reads {describe_node(end)}, which is not one residual stream "
+                f"carried from block 0 (stream values found after block 0: {found})")
+        streams.append(Stream(sources[0][0], end))
+    if len({s.start for s in streams}) != len(streams):
+        raise CacheUnavailable("two values read after the block loop come from the same stream after block 0")
+
+    in_block0 = _member_of(block0)
+    hidden = _hidden_stream(streams)
+    out0 = streams[hidden].start
+    if not in_block0(out0):
+        raise CacheUnavailable(f"the stream that feeds the output ({describe_node(out0)}) does not pass through "
+                               "block 0, so block 0's residual says nothing about it")
+    inputs = [s for s, added in residual_sources(out0, stop=lambda n: not in_block0(n)) if added]
+    if len(inputs) != 1:
+        raise CacheUnavailable(f"cannot tell block 0's input on the stream {describe_node(out0)} "
+                               f"(found {[describe_node(s) for s in inputs]})")
+
+    carried = []
+    for node in nodes:
+        if part.get(node) == HEAD and in_block0(node) and _is_tensor(node) and \
+                any(part.get(user) == REST for user in node.users) and \
+                any(added for _, added in residual_sources(node, stop=lambda n: not in_block0(n))):
+            carried.append(node)
+
+    for node in nodes:
+        if part.get(node) != REST:
+            continue
+        for written in _written_arguments(node):
+            if part.get(written) != REST:
+                raise CacheUnavailable(f"{describe_node(node)} inside the block loop writes in place into "
+                                       f"{describe_node(written)}, which lives outside it")
+
+    timestep_index, timestep_name = _find_timestep(nodes, timestep_arg)
+    return CachePlan(region, part, streams, hidden, inputs[0], carried, size_substitutes, moved,
+                     timestep_index, timestep_name)
+
+
+def _move_to_head(node: fx.Node, part: dict, moved: list) -> None:
+    if part.get(node) != REST:
+        return
+    for argument in node.all_input_nodes:
+        _move_to_head(argument, part, moved)
+    part[node] = HEAD
+    moved.append(node)
+    for user in node.users:  # its unpacking goes with it
+        if user.target is operator.getitem and part.get(user) == REST:
+            part[user] = HEAD
+            moved.append(user)
+
+
+def _equivalent_size(node: fx.Node, nodes: list[fx.Node], part: dict):
+    """A size computed inside the loop that the tail reads: a constant, or an equal size outside the loop."""
+    value = _val(node)
+    if isinstance(value, int):
+        return value
+    for candidate in nodes:
+        if candidate.op == "placeholder" or part.get(candidate) == HEAD:
+            other = _val(candidate)
+            if isinstance(other, torch.SymInt) and _known_equal(other, value):
+                return candidate
+    raise CacheUnavailable(f"the code after the block loop reads the size {describe_node(node)} ({value}), "
+                           "computed inside the loop, and no equal size exists outside it")
+
+
+def _hidden_stream(streams: list[Stream]) -> int:
+    """The stream whose token axis feeds the output: with several, the largest (the image or video tokens
+    rather than text)."""
+    if len(streams) == 1:
+        return 0
+
+    def size(stream):
+        numel = _val(stream.end).numel()
+        return int(numel.node.hint) if isinstance(numel, torch.SymInt) and numel.node.hint is not None else int(numel)
+
+    return max(range(len(streams)), key=lambda index: size(streams[index]))
+
+
+def _written_arguments(node: fx.Node) -> list[fx.Node]:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return []
+    written = []
+    for index, argument in enumerate(target._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = node.args[index] if index < len(node.args) else node.kwargs.get(argument.name)
+        if isinstance(value, fx.Node):
+            written.append(value)
+    return written
+
+
+def _find_timestep(nodes: list[fx.Node], name: str) -> tuple[Optional[int], Optional[str]]:
+    """Dynamo names the placeholder of a forward argument `timestep` `L_timestep_`, or `L_kwargs_timestep_`
+    when the forward takes **kwargs (diffusers' decorated forwards)."""
+    pattern = re.compile(rf"^L_(?:kwargs_)?{re.escape(name)}_$")
+    placeholders = [node for node in nodes if node.op == "placeholder"]
+    for index, node in enumerate(placeholders):
+        if pattern.match(str(node.target)) and _is_tensor(node):
+            return index, str(node.target)
+    return None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Splitting the graph
+
+
+@dataclass
+class SplitGraph:
+    """Three graphs; each takes all original inputs first, then its own extra inputs.
+
+    head(*inputs) -> [r, *stream starts, *values for rest, *values for tail]
+    rest(*inputs, *values for rest, *stream starts) -> [*stream ends, *residuals (end - start)]
+    tail(*inputs, *values for tail, *stream ends) -> the original outputs
+    """
+
+    head: fx.GraphModule
+    rest: fx.GraphModule
+    tail: fx.GraphModule
+    stream_count: int
+    head_to_rest: list[int]  # indices into head's outputs
+    head_to_tail: list[int]
+    example_values: dict  # part name -> list of example inputs (fake tensors, SymInts)
+
+
+def split_graph(gm: fx.GraphModule, plan: CachePlan) -> SplitGraph:
+    nodes = list(gm.graph.nodes)
+    placeholders = [node for node in nodes if node.op == "placeholder"]
+    output_node = nodes[-1]
+    part = plan.part
+    streams = plan.streams
+
+    def members(name):
+        return [node for node in nodes if part.get(node) == name]
+
+    def crossing(consumers, producer_part):
+        """Values of `producer_part` that nodes in `consumers` read (size chains are recomputed instead)."""
+        values = []
+        for consumer in consumers:
+            for argument in consumer.all_input_nodes:
+                if part.get(argument) == producer_part and argument not in values and not _is_size_node(argument):
+                    values.append(argument)
+        return values
+
+    head_nodes, rest_nodes, tail_nodes = members(HEAD), members(REST), members(TAIL)
+    rest_reads = crossing(rest_nodes, HEAD)
+    tail_reads = crossing(tail_nodes + [output_node], HEAD)
+    for substitute in plan.size_substitutes.values():
+        if isinstance(substitute, fx.Node) and part.get(substitute) == HEAD and not _is_size_node(substitute) \
+                and substitute not in tail_reads:
+            tail_reads.append(substitute)
+    starts = [s.start for s in streams]
+    rest_extra = rest_reads + [start for start in starts if start not in rest_reads]
+    head_outputs: list[fx.Node] = []
+    for node in starts + rest_reads + tail_reads:
+        if node not in head_outputs:
+            head_outputs.append(node)
+
+    head = _PartBuilder(placeholders, [])
+    head.copy(head_nodes)
+    residual = head.graph.call_function(aten.sub.Tensor, (head.value(streams[plan.hidden].start),
+                                                          head.value(plan.hidden_input)))
+    head.graph.output(tuple([residual] + [head.value(n) for n in head_outputs]))
+
+    rest = _PartBuilder(placeholders, rest_extra)
+    rest.copy(rest_nodes)
+    ends = [rest.value(s.end) for s in streams]
+    residuals = [rest.graph.call_function(aten.sub.Tensor, (rest.value(s.end), rest.value(s.start))) for s in streams]
+    rest.graph.output(tuple(ends + residuals))
+
+    tail = _PartBuilder(placeholders, tail_reads + [s.end for s in streams])
+    for size_node, substitute in plan.size_substitutes.items():
+        tail.env[size_node] = tail.value(substitute) if isinstance(substitute, fx.Node) else substitute
+    tail.copy(tail_nodes)
+    tail.graph.output(fx.map_arg(output_node.args[0], tail.value))
+
+    index = {node: i + 1 for i, node in enumerate(head_outputs)}  # +1: r comes first
+    originals = [_val(p) for p in placeholders]
+    return SplitGraph(
+        fx.GraphModule(gm, head.graph), fx.GraphModule(gm, rest.graph), fx.GraphModule(gm, tail.graph), len(streams),
+        head_to_rest=[index[n] for n in rest_extra],
+        head_to_tail=[index[n] for n in tail_reads],
+        example_values={
+            HEAD: originals,
+            REST: originals + [_val(n) for n in rest_extra],
+            TAIL: originals + [_val(n) for n in tail_reads] + [_val(s.end) for s in streams],
+        },
+    )
+
+
+class _PartBuilder:
+    """One part's graph: all original inputs, then `extra` inputs, then copies of the part's nodes."""
+
+    def __init__(self, placeholders: list[fx.Node], extra: list[fx.Node]):
+        self.graph = fx.Graph()
+        self.env: dict = {}
+        for node in placeholders + extra:
+            # An extra input may repeat an original one (a stream that is a graph input): it still takes
+            # its own place in the signature.
+            new = self.graph.placeholder(str(node.target) if node.op == "placeholder" and node not in self.env
+                                         else f"{node.name}_input")
+            new.meta.update(node.meta)
+            self.env.setdefault(node, new)
+
+    def value(self, node: fx.Node):
+        """The part's copy of `node`; get_attr nodes and size arithmetic are copied in on first use."""
+        if node not in self.env:
+            if node.op != "get_attr" and not _is_size_node(node):
+                raise AssertionError(f"first block cache split: {node.name} is read before it is available")
+            for argument in node.all_input_nodes:
+                self.value(argument)
+            self.env[node] = self.graph.node_copy(node, lambda n: self.env[n])
+        return self.env[node]
+
+    def copy(self, members: list[fx.Node]) -> None:
+        for node in members:
+            for argument in node.all_input_nodes:
+                self.value(argument)
+            self.env[node] = self.graph.node_copy(node, lambda n: self.env[n])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+
+
+def describe_plan(plan: CachePlan, options: Options) -> list[str]:
+    lines = [f"first block cache: threshold {options.threshold:g}, warmup {options.fbcache_warmup}, max hits in a "
+             f"row {'unlimited' if options.fbcache_max_hits is None else options.fbcache_max_hits}"]
+    region = plan.region
+    block0 = region.first_block
+    last = region.blocks[-1]
+    lines.append(f"  block loop: {region.describe_lists()}")
+    lines.append(f"  first block (always runs): {_dotted(block0[0])}.{block0[1]}")
+    second = region.blocks[1]
+    skipped = len(region.blocks) - 1
+    lines.append(f"  cached region: {_dotted(second[0])}.{second[1]} .. {_dotted(last[0])}.{last[1]} "
+                 f"({skipped} block{'s' if skipped != 1 else ''}, skipped on a hit)")
+    cached_starts = {s.start for s in plan.streams}
+    lines.append(f"  streams: {len(plan.streams)} cached")
+    for index, stream in enumerate(plan.streams):
+        role = "hidden, decides" if index == plan.hidden else "cached"
+        lines.append(f"    - {describe_node(stream.start)} -> {describe_node(stream.end)}, local shape "
+                     f"{_shape_text(stream.end)} ({role})")
+    unused = [node for node in plan.carried if node not in cached_starts]
+    for node in unused:
+        lines.append(f"    - {describe_node(node)}: carried by the blocks, unused after the loop (nothing to cache)")
+    lines.append(f"  residual: {describe_node(plan.streams[plan.hidden].start)} - {describe_node(plan.hidden_input)}")
+    if plan.moved_to_head:
+        lines.append(f"  moved before the region (the code after it reads them, they need no block): "
+                     f"{len(plan.moved_to_head)} nodes")
+    if plan.timestep_name is None:
+        lines.append("  timestep: not found among the inputs; generations are not detected, call "
+                     "paracompile.reset_cache() between them")
+    else:
+        lines.append(f"  timestep: input {plan.timestep_name} (a larger value than the last call's starts a generation)")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry point (called by backend.compile_graph when threshold > 0)
+
+
+def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, options: Options,
+                                   compile_graph: Callable) -> Callable:
+    """Compiles `gm` (Dynamo's graph at world size 1, the final aten graph otherwise) with the cache, or
+    without it (and with a warning) when the graph has no block loop to cache."""
+    import paracompile.backend as backend
+    from paracompile.cache import FirstBlockCache, ranks_agree
+    from paracompile.passes.trace_to_aten import check_fixed_scalars, trace_to_aten
+
+    plain_options = dataclasses.replace(options, threshold=0.0)
+    fixed_scalars: list = []
+    if not _is_aten_graph(gm):
+        gm, fixed_scalars = trace_to_aten(gm, example_inputs)
+    _propagate_shapes(gm)
+
+    try:
+        plan = plan_cache(gm, options.timestep_arg)
+        failure = None
+    except CacheUnavailable as error:
+        plan, failure = None, str(error)
+    if not ranks_agree(plan.signature() if plan is not None else "none"):
+        plan, failure = None, "the ranks found different block loops or streams"
+    if plan is None:
+        warnings.warn(f"paracompile: threshold {options.threshold:g} but no First Block Cache for this graph: "
+                      f"{failure}; compiling it without the cache", stacklevel=2)
+        backend.explanations.append(f"first block cache: off ({failure})")
+        return check_fixed_scalars(compile_graph(gm, example_inputs, plain_options), fixed_scalars)
+
+    split = split_graph(gm, plan)
+    report = "\n".join(describe_plan(plan, options))
+    backend.explanations.append(report)
+    if options.explain:
+        logger.warning(report)
+    parts = {name: compile_graph(graph, split.example_values[name], plain_options)
+             for name, graph in ((HEAD, split.head), (REST, split.rest), (TAIL, split.tail))}
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    data_inputs = [i for i, node in enumerate(placeholders) if not str(node.target).startswith("L_self_")]
+    cache = FirstBlockCache(parts[HEAD], parts[REST], parts[TAIL], split, options, plan.timestep_index,
+                            data_inputs, description=report)
+    return check_fixed_scalars(cache, fixed_scalars)
+
+
+def _is_aten_graph(gm: fx.GraphModule) -> bool:
+    """Dynamo's graph describes its inputs with `example_value`; traced aten graphs with `val`."""
+    return all("val" in node.meta for node in gm.graph.nodes if node.op == "placeholder")
+
+
+def _propagate_shapes(gm: fx.GraphModule) -> None:
+    """Nodes the sharding passes created have no `meta["val"]`; fake-propagate to get this rank's shapes."""
+    if all("val" in node.meta for node in gm.graph.nodes if node.op not in ("output",)):
+        return
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    values = [node.meta["val"] for node in gm.graph.nodes if node.op == "placeholder"]
+    FakeTensorProp(gm, detect_fake_mode(values)).propagate_dont_convert_inputs(*values)
