@@ -69,6 +69,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny widths, for a dry run on a CPU")
+    parser.add_argument("--mesh", type=json.loads, default=None,
+                        help='paracompile mesh as JSON, e.g. \'{"ring": 2}\' (default: Ulysses over all ranks)')
+    parser.add_argument("--dump-code", default=None,
+                        help="write the code Inductor generated for paracompile's graph to this file (rank 0)")
     parser.add_argument("--inductor-patches", type=json.loads, nargs="*", default=[],
                         help="extra paracompile runs, each with these Inductor config patches (JSON dicts)")
     args = parser.parse_args()
@@ -93,10 +97,10 @@ def main() -> None:
         parameter.data.mul_(0.5)
 
     inductor_model = torch.compile(model)
-    parallel_model = torch.compile(model, backend=paracompile.paracompile_backend,
-                                   options={"mesh": {"ulysses": world_size}})
+    mesh = args.mesh or {"ulysses": world_size}
+    parallel_model = torch.compile(model, backend=paracompile.paracompile_backend, options={"mesh": mesh})
     variants = [(patches, torch.compile(model, backend=paracompile.paracompile_backend,
-                                        options={"mesh": {"ulysses": world_size}, "inductor": patches}))
+                                        options={"mesh": mesh, "inductor": patches}))
                 for patches in args.inductor_patches]
     results = []
     for resolution in args.resolutions:
@@ -107,11 +111,20 @@ def main() -> None:
             inductor = inductor_model(**inputs)[0].float()
             inductor_compile_s = time.perf_counter() - start
             start = time.perf_counter()
-            parallel = parallel_model(**inputs)[0].float()
+            if args.dump_code and resolution == args.resolutions[0]:
+                from torch._inductor.utils import run_and_get_code
+
+                parallel, codes = run_and_get_code(lambda: parallel_model(**inputs)[0].float())
+                if rank == 0:
+                    with open(args.dump_code, "w") as file:
+                        file.write("\n\n# ---- next graph ----\n\n".join(codes))
+            else:
+                parallel = parallel_model(**inputs)[0].float()
             parallel_compile_s = time.perf_counter() - start
             scale = eager.abs().max().item()
             row = dict(
                 resolution=resolution,
+                mesh=mesh,
                 image_tokens=(resolution // 16) ** 2,
                 text_tokens=args.text_tokens,
                 output_max_abs=scale,

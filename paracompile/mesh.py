@@ -10,9 +10,10 @@ the fastest links of one host), a ring group strides over Ulysses groups, and th
 outermost. With a DeviceMesh, its own rank tensor decides, whatever the order of its dims.
 
 Groups. Every rank belongs to one group per dim (its ranks differ only in that dim's index), and to one
-*sequence* group: the ranks of its batch index, ring-major (sequence rank = ring_index * ulysses +
-ulysses_index). Tokens are split over the sequence group, so the u tokens shards of one Ulysses group
-are consecutive chunks, and Ring attention passes whole Ulysses-group blocks round the ring.
+*sequence* group: the ranks of its batch index. Tokens are split over the sequence group; Ring attention
+passes whole Ulysses-group blocks round the ring, and `ring_blocks` says which token shards each block
+holds. As in every process group, a rank's index in a group is its place among the members' global
+ranks (with the dict layout, sequence rank = ring_index * ulysses + ulysses_index).
 
 "auto" is resolved once the graph is known (`resolve_auto`): the Ulysses degree is the largest divisor
 of the world size that divides every self-attention head count, and Ring takes the rest.
@@ -40,6 +41,8 @@ class MeshPlan:
     ring: Optional[ProcessGroupInfo] = None
     ulysses: Optional[ProcessGroupInfo] = None
     sequence: Optional[ProcessGroupInfo] = None  # ring x ulysses: the group that splits tokens
+    # For each ring position: the sequence ranks of that position's Ulysses group, in Ulysses order.
+    ring_blocks: tuple = ()
     auto_reason: str = ""
 
     def describe(self) -> str:
@@ -141,26 +144,31 @@ _GROUP_CACHE: dict[tuple, dict] = {}
 
 
 def _groups(rank_layout: tuple) -> dict:
+    """This rank's group of every dim. A process group numbers its members in the order of their global
+    ranks, whatever order they were listed in, so every index here is that order's; `ring_blocks` maps
+    each ring position to the sequence ranks of its Ulysses group, in Ulysses order."""
     if rank_layout in _GROUP_CACHE:
         return _GROUP_CACHE[rank_layout]
     layout = torch.tensor(rank_layout)
     batch, ring, ulysses = layout.shape
     me = dist.get_rank()
-    b, r, u = [int(i) for i in (layout == me).nonzero()[0]]
-    members = {
-        "batch": (layout.permute(1, 2, 0).reshape(-1, batch), b),
-        "ring": (layout.permute(0, 2, 1).reshape(-1, ring), r),
-        "ulysses": (layout.reshape(-1, ulysses), u),
-        "sequence": (layout.reshape(batch, ring * ulysses), r * ulysses + u),
+    partitions = {
+        "batch": layout.permute(1, 2, 0).reshape(-1, batch),
+        "ring": layout.permute(0, 2, 1).reshape(-1, ring),
+        "ulysses": layout.reshape(-1, ulysses),
+        "sequence": layout.reshape(batch, ring * ulysses),
     }
-    groups = {}
-    for name, (ranks, my_index) in members.items():
-        ranks = ranks.tolist()
-        size = len(ranks[0])
-        if size == 1:
-            groups[name] = None
-            continue
-        groups[name] = ProcessGroupInfo(size, my_index, _group_name(ranks))
+    members = {name: sorted(next(group for group in ranks.tolist() if me in group))
+               for name, ranks in partitions.items()}
+    groups: dict = {}
+    for name, ranks in partitions.items():
+        size = ranks.shape[1]
+        groups[name] = None if size == 1 else ProcessGroupInfo(
+            size, members[name].index(me), _group_name(sorted(sorted(group) for group in ranks.tolist())))
+    ulysses_group_of = {rank: sorted(group) for group in partitions["ulysses"].tolist() for rank in group}
+    groups["ring_blocks"] = tuple(
+        tuple(members["sequence"].index(member) for member in ulysses_group_of[peer])
+        for peer in members["ring"])
     _GROUP_CACHE[rank_layout] = groups
     return groups
 

@@ -160,18 +160,17 @@ def _case_mesh_product_mismatch(world_size):
     return _compile_error(_toy(), toy_inputs(), {"compiler": "eager", "mesh": {"ulysses": world_size + 1}})
 
 
-def _case_ring(world_size):
-    direct = None
-    try:
-        resolve_mesh({"ring": world_size})
-    except Exception as error:  # noqa: BLE001
-        direct = _error_info(error)
-    return dict(direct=direct, through_compile=_compile_error(_toy(), toy_inputs(), {"compiler": "eager",
-                                                                             "mesh": {"ring": world_size}}))
-
-
-def _case_batch(world_size):
+def _case_batch_not_divisible(world_size):
+    # toy_inputs() has batch 1, which a batch degree of 2 cannot split.
     return _compile_error(_toy(), toy_inputs(), {"compiler": "eager", "mesh": {"batch": world_size}})
+
+
+def _case_device_mesh_ring(world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch._dynamo.reset()
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ring",))
+    return run_compiled_vs_eager(_toy(), toy_inputs(), {"compiler": "eager", "mesh": mesh}, record=False)
 
 
 def _case_device_mesh_bad_dim_name(world_size):
@@ -278,19 +277,19 @@ def test_mesh_product_must_equal_world_size(two_ranks):
         assert "multiply to 3, but the world size is 2" in error["message"]
 
 
-def test_ring_degree_is_not_implemented(two_ranks):
-    for value in _errors(two_ranks, "ring"):
-        assert value["direct"] is not None and value["direct"]["inner_is_not_implemented"], value["direct"]
-        assert "'ring' mesh dim is not implemented" in value["direct"]["message"]
-        compiled = value["through_compile"]
-        assert compiled is not None and compiled["inner_is_not_implemented"], compiled
-        assert "'ring' mesh dim is not implemented" in compiled["message"]
+def test_batch_the_degree_does_not_divide_is_an_error(two_ranks):
+    for error in _errors(two_ranks, "batch_not_divisible"):
+        assert error is not None, "mesh {'batch': 2} with batch 1 compiled"
+        assert error["inner_is_value_error"], error["traceback"]
+        assert "has batch size 1, which the batch mesh degree 2 does not divide" in error["message"]
+        assert "scaled_dot_product_attention" in error["message"]
 
 
-def test_batch_degree_is_not_implemented(two_ranks):
-    for error in _errors(two_ranks, "batch"):
-        assert error is not None and error["inner_is_not_implemented"], error
-        assert "'batch' mesh dim is not implemented" in error["message"]
+def test_device_mesh_with_a_ring_dim(two_ranks):
+    results = _errors(two_ranks, "device_mesh_ring")
+    assert_ranks_match(results, "DeviceMesh ('ring',)")
+    for result in results:
+        assert "ring over 2 ranks" in result["explanations"][0]
 
 
 def test_device_mesh_with_unknown_dim_name(two_ranks):
@@ -308,12 +307,13 @@ def test_explicit_ulysses_degree_must_divide_heads(two_ranks):
         assert "has 3 attention heads, which the Ulysses degree 2 does not divide" in error["message"]
 
 
-def test_auto_mesh_falls_back_when_heads_do_not_divide(two_ranks):
+def test_auto_mesh_picks_ring_when_heads_do_not_divide(two_ranks):
     results = _errors(two_ranks, "auto_three_heads")
     assert_ranks_match(results, "3 heads, mesh auto")
     for result in results:
         report = result["explanations"][0]
-        assert "3 heads are not divisible by the Ulysses degree 2" in report and "replicated" in report, report
+        assert "mesh: batch 1, ring 2, ulysses 1 (auto: Ulysses 1 is the largest divisor" in report, report
+        assert "ring over 2 ranks" in report and "replicated" not in report, report
 
 
 def test_model_without_attention_warns_and_matches(two_ranks):

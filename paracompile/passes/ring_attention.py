@@ -55,7 +55,7 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
     ring_index = ring.rank
 
     def ranks_of_block(ring_position: int) -> list[int]:
-        return [ring_position * ulysses_size + member for member in range(ulysses_size)]
+        return list(mesh.ring_blocks[ring_position])
 
     my_ranks = ranks_of_block(ring_index)
 

@@ -1,4 +1,7 @@
-"""Attention on token shards: Ulysses for self-attention, local for cross-attention.
+"""Attention on token shards: picks the strategy per attention node; Ulysses itself lives here.
+
+With a ring degree above 1, self-attention goes to ring_attention.py (Ulysses inside each ring step when
+the Ulysses degree is above 1 too); the rest of this docstring is about the Ulysses-only mesh.
 
 Invariant: the rewritten attention returns this rank's shard of exactly the output the original node
 computes on full tensors (or the full output, where it falls back to replicated attention).

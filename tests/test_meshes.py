@@ -1,0 +1,157 @@
+"""Ring attention, Ulysses x Ring and the batch mesh dim, against single-process eager.
+
+Every mesh of the options table on the toy DiT (2 and 4 ranks, uneven token counts, text masks, batch 2),
+the ten tiny diffusers models under Ring 2 on 2 ranks, a subset under Ulysses 2 x Ring 2 and batch 2 x
+Ring 2 on 4 ranks, and Ring 2 through Inductor once. Each world size's runs share one set of spawned
+ranks (a fixture per world size); results are checked per scenario.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import assert_ranks_match, run_compiled_vs_eager, without_callables
+from tests.multiprocess import run_on_ranks
+from tests.toy_dit import ToyDiT, toy_inputs
+
+UNEVEN = dict(height=10, width=14, text_length=7)  # 35 image + 7 text tokens: 2 and 4 divide neither
+
+# name -> (world size, mesh, toy inputs, what the report must say about self-attention)
+TOY_SCENARIOS = {
+    "ring2": (2, {"ring": 2}, dict(), "ring over 2 ranks (cpu_flash kernel"),
+    "ring2_uneven_masked": (2, {"ring": 2}, dict(UNEVEN, masked=True), "with mask, uneven blocks"),
+    "ring4_uneven_masked": (4, {"ring": 4}, dict(UNEVEN, masked=True), "ring over 4 ranks"),
+    "ulysses2_ring2_uneven": (4, {"ulysses": 2, "ring": 2}, dict(UNEVEN), "ring over 2 ranks (ulysses 2 inside"),
+    "ulysses2_ring2_masked": (4, {"ulysses": 2, "ring": 2}, dict(UNEVEN, masked=True), "ulysses 2 inside"),
+    "batch2_ulysses2": (4, {"batch": 2, "ulysses": 2}, dict(UNEVEN, masked=True, batch=2), "ulysses over 2 ranks"),
+    "batch2_ring2": (4, {"batch": 2, "ring": 2}, dict(UNEVEN, masked=True, batch=2), "ring over 2 ranks"),
+    "batch2_only": (2, {"batch": 2}, dict(UNEVEN, batch=2), "batch rows split over 2 ranks"),
+    # A DeviceMesh whose dims come in another order than (batch, ring, ulysses).
+    "device_mesh_ulysses_ring": (4, "device_mesh", dict(UNEVEN), "ring over 2 ranks (ulysses 2 inside"),
+}
+
+# name -> (world size, mesh, models, batch)
+MODEL_SCENARIOS = {
+    "ring2": (2, {"ring": 2}, ["flux", "sd3", "wan_t2v", "wan_i2v", "hunyuan_video", "cogvideox", "mochi",
+                               "ltx_video", "qwen_image", "pixart"], 1),
+    "ulysses2_ring2": (4, {"ulysses": 2, "ring": 2}, ["flux", "wan_i2v", "hunyuan_video", "qwen_image"], 1),
+    "batch2_ring2": (4, {"batch": 2, "ring": 2}, ["flux", "ltx_video"], 2),
+}
+ATTENTION_OUTSIDE_GRAPH = {"mochi"}  # see test_diffusers_models.py
+
+
+def _mesh(mesh, world_size):
+    if mesh == "device_mesh":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # Dims (ulysses, ring): rank = ulysses_index * 2 + ring_index, so the ring groups are consecutive.
+        return init_device_mesh("cpu", (2, 2), mesh_dim_names=("ulysses", "ring"))
+    return mesh
+
+
+def _run_world(rank, world_size):
+    from tests.tiny_models import CASES
+
+    results = {}
+    for name, (scenario_world, mesh, inputs, _) in TOY_SCENARIOS.items():
+        if scenario_world != world_size:
+            continue
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = ToyDiT().eval()
+        options = {"compiler": "eager", "mesh": _mesh(mesh, world_size)}
+        results[("toy", name)] = without_callables(run_compiled_vs_eager(model, toy_inputs(**inputs), options,
+                                                                         record=False))
+    for scenario, (scenario_world, mesh, models, batch) in MODEL_SCENARIOS.items():
+        if scenario_world != world_size:
+            continue
+        for model_name in models:
+            torch._dynamo.reset()
+            case = CASES[model_name]
+            result = run_compiled_vs_eager(case.build(), case.make_inputs(seed=0, size="uneven", batch=batch),
+                                           {"compiler": "eager", "mesh": mesh}, case.output, record=False)
+            results[(scenario, model_name)] = without_callables(result)
+    torch._dynamo.reset()
+    return results
+
+
+@pytest.fixture(scope="module")
+def world2():
+    return _collect(run_on_ranks(_run_world, 2, timeout=900))
+
+
+@pytest.fixture(scope="module")
+def world4():
+    return _collect(run_on_ranks(_run_world, 4, timeout=1200))
+
+
+def _collect(per_rank):
+    return {key: [ranks[key] for ranks in per_rank] for key in per_rank[0]}
+
+
+@pytest.fixture
+def results(request, world_size):
+    return request.getfixturevalue(f"world{world_size}")
+
+
+TOY_CASES = [(spec[0], name) for name, spec in TOY_SCENARIOS.items()]
+
+
+@pytest.mark.parametrize("world_size, name", TOY_CASES, ids=[name for _, name in TOY_CASES])
+def test_toy_dit(results, world_size, name):
+    ranks = results[("toy", name)]
+    assert_ranks_match(ranks, f"toy {name}")
+    expected_text = TOY_SCENARIOS[name][3]
+    for result in ranks:
+        report = result["explanations"][-1]
+        assert expected_text in report, report
+        assert ": replicated (" not in report, report
+
+
+MODEL_CASES = [(spec[0], scenario, model) for scenario, spec in MODEL_SCENARIOS.items() for model in spec[2]]
+
+
+@pytest.mark.parametrize("world_size, scenario, model", MODEL_CASES,
+                         ids=[f"{scenario}-{model}" for _, scenario, model in MODEL_CASES])
+def test_diffusers_model(results, world_size, scenario, model):
+    ranks = results[(scenario, model)]
+    assert_ranks_match(ranks, f"{model} {scenario}")
+    if model in ATTENTION_OUTSIDE_GRAPH:
+        return
+    for result in ranks:
+        assert any("ring over 2 ranks" in text for text in result["explanations"]), result["explanations"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Inductor, once: the toy DiT under Ring 2, with the generated code's collective order checked.
+
+
+def _ring_inductor(rank, world_size):
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ToyDiT(depth=1).eval()
+    call_inputs = toy_inputs(**UNEVEN)
+    with torch.no_grad():
+        expected = model(**call_inputs)
+        compiled = torch.compile(model, backend="paracompile", options={
+            "compiler": "inductor", "mesh": {"ring": 2}, "inductor": {"cpp.vec_isa_ok": False}})
+        output, codes = run_and_get_code(lambda: compiled(**call_inputs))
+    torch._dynamo.reset()
+    return dict(error=None, expected=expected, output=output, code="\n".join(codes))
+
+
+def test_ring2_through_inductor_overlaps_transfer_with_attention():
+    ranks = run_on_ranks(_ring_inductor, 2, timeout=900)
+    assert_ranks_match(ranks, "toy ring2 inductor")
+    for result in ranks:
+        lines = result["code"].splitlines()
+        calls = [("send" if "all_to_all_single.default(" in line else "wait" if "wait_tensor.default(" in line
+                  else "attend") for line in lines
+                 if "_c10d_functional.all_to_all_single.default(" in line or "wait_tensor.default(" in line
+                 or "flash_attention_for_cpu.default(" in line]
+        # Per ring attention over 2 ranks: send the block on, attend to the local one, wait, attend.
+        assert calls and calls.count("send") >= 1, calls
+        first_send = calls.index("send")
+        assert calls[first_send:first_send + 4] == ["send", "attend", "wait", "attend"], calls
