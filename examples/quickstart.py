@@ -82,9 +82,10 @@ def side_by_side(grids: list, titles: list[str]):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for quickstart.png")
-    parser.add_argument("--steps", type=int, default=24, help="Euler steps of the flow")
+    parser.add_argument("--steps", type=int, default=28, help="Euler steps of the flow")
     parser.add_argument("--per-class", type=int, default=3, help="samples of each digit")
-    parser.add_argument("--threshold", type=float, default=0.08, help="First Block Cache threshold")
+    parser.add_argument("--threshold", type=float, default=0.12,
+                        help="First Block Cache threshold (benchmarks/fbcache_sweep.py measures others)")
     parser.add_argument("--compiler", choices=["eager", "inductor"], default=None,
                         help="what runs the rewritten graph (default: inductor on CUDA, eager on CPU)")
     parser.add_argument("--tolerance", type=float, default=1e-3,
