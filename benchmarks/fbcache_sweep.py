@@ -98,16 +98,18 @@ def main() -> None:
         first_call.append(time.perf_counter() - start)
         log(f"threshold {threshold:<5g} compiled, first call {first_call[-1]:.1f} s")
     seconds = [[] for _ in args.thresholds]
+    cpu_seconds = [[] for _ in args.thresholds]  # this process's CPU time: on a shared CPU, steadier than wall time
     hit_counts = [[] for _ in args.thresholds]
     images = [None for _ in args.thresholds]
     for repeat in range(args.repeats):
         for i, model in enumerate(models):
             paracompile.reset_cache()
             synchronize()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             images[i] = digits.sample(model, label_encoder, labels, noise, args.steps)
             synchronize()
             seconds[i].append(time.perf_counter() - start)
+            cpu_seconds[i].append(time.process_time() - cpu_start)
             stats = paracompile.cache_stats()
             hit_counts[i].append((sum(s["hits"] for s in stats), sum(s["hits"] + s["misses"] for s in stats)))
         log(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{s[-1]:.2f} s" for s in seconds))
@@ -120,6 +122,7 @@ def main() -> None:
         row = dict(threshold=threshold, hits=hits, calls=calls, hit_ratio=hits / calls,
                    hits_per_repeat=[h for h, _ in hit_counts[i]], run_s=[round(s, 4) for s in seconds[i]],
                    median_run_s=statistics.median(seconds[i]), first_call_s=round(first_call[i], 2),
+                   cpu_run_s=[round(s, 4) for s in cpu_seconds[i]], median_cpu_run_s=statistics.median(cpu_seconds[i]),
                    max_abs_error=(images[i] - reference).abs().max().item(),
                    mean_abs_error=(images[i] - reference).abs().mean().item())
         if threshold == 0:
@@ -130,6 +133,7 @@ def main() -> None:
     grids = images
     for row in rows:
         row["speedup"] = rows[0]["median_run_s"] / row["median_run_s"]
+        row["cpu_speedup"] = rows[0]["median_cpu_run_s"] / row["median_cpu_run_s"]
 
     if rank == 0:
         command = ("torchrun --nproc_per_node=%d " % world_size if world_size > 1 else "python ") + \
@@ -152,12 +156,14 @@ def main() -> None:
         dist.destroy_process_group()
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| threshold | hit ratio | sampling run (median) | speedup | max abs error | mean abs error |",
-             "|---|---|---|---|---|---|"]
+def table(rows: list[dict], cpu: bool) -> str:
+    cpu_head, cpu_rule = (" CPU time per run | speedup (CPU time) |", "---|---|") if cpu else ("", "")
+    lines = [f"| threshold | hit ratio | wall time per run | speedup (wall) |{cpu_head} max abs error | mean abs error |",
+             f"|---|---|---|---|{cpu_rule}---|---|"]
     for r in rows:
         hits = "off" if r["threshold"] == 0 else f"{r['hits']}/{r['calls']} ({100 * r['hit_ratio']:.0f}%)"
-        lines.append(f"| {r['threshold']:g} | {hits} | {r['median_run_s']:.3f} s | {r['speedup']:.2f}x | "
+        cpu_cells = f" {r['median_cpu_run_s']:.3f} s | {r['cpu_speedup']:.2f}x |" if cpu else ""
+        lines.append(f"| {r['threshold']:g} | {hits} | {r['median_run_s']:.3f} s | {r['speedup']:.2f}x |{cpu_cells} "
                      f"{r['max_abs_error']:.4f} | {r['mean_abs_error']:.5f} |")
     return "\n".join(lines)
 
@@ -176,11 +182,13 @@ def markdown(report: dict) -> str:
         f"(10 digits), {report['steps']} Euler steps, 1 transformer call per step; {report['repeats']} timed runs per "
         "threshold, `paracompile.reset_cache()` before each.",
         "- Hit ratio: transformer calls that skipped every block after the first. Speedup: median time of a "
-        "sampling run at threshold 0 over that at the threshold. Errors: against the threshold-0 samples, pixels "
-        "in [-1, 1].",
+        "sampling run at threshold 0 over that at the threshold (the runs of all thresholds interleaved). "
+        + ("CPU time: this process's (rank 0's) CPU time, steadier than wall time on a shared machine. "
+           if report["threads"] else "")
+        + "Errors: against the threshold-0 samples, pixels in [-1, 1].",
         f"- Threshold 0 against the plain eager model: max abs {report['rows'][0].get('vs_eager_max_abs', float('nan')):.2e}.",
         "",
-        table(report["rows"]),
+        table(report["rows"], cpu=bool(report["threads"])),
     ])
 
 
@@ -192,7 +200,9 @@ def plot(rows: list[dict], path: Path, report: dict) -> None:
 
     thresholds = [r["threshold"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(thresholds, [r["speedup"] for r in rows], "o-", color="C0", label="speedup vs threshold 0")
+    left.plot(thresholds, [r["speedup"] for r in rows], "o-", color="C0", label="speedup (wall time)")
+    if report["threads"]:
+        left.plot(thresholds, [r["cpu_speedup"] for r in rows], "^:", color="C2", label="speedup (CPU time)")
     left.set_ylabel("speedup (x)", color="C0")
     left.set_xlabel("threshold")
     left.set_title("speed")
