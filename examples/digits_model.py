@@ -28,7 +28,7 @@ TEXT_TOKENS = 2
 NUM_CLASSES = 10
 
 # A FLUX transformer with FLUX.1-schnell's structure (no guidance embedding), shrunk: 4 heads of 12
-# channels, 2 double-stream and 8 single-stream blocks (0.47M parameters).
+# channels, 2 double-stream and 8 single-stream blocks (0.48M parameters).
 TRANSFORMER_CONFIG = dict(
     patch_size=1,
     in_channels=4,  # 1 channel, packed 2x2
