@@ -76,6 +76,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
     from torch._inductor.compile_fx import compile_fx
 
     patches: dict[str, Any] = {}
+    if any(node.meta.get("paracompile_attention") == "ring" for node in gm.graph.nodes):
+        # Ring attention issues each block's transfer before the previous step's attention, but Inductor's
+        # scheduler may order independent kernels either way; these passes start every collective as
+        # early and wait for it as late as its data allow, which keeps the overlap.
+        patches.update(reorder_for_compute_comm_overlap=True,
+                       reorder_for_compute_comm_overlap_passes=["sink_waits", "raise_comms"])
     if options.mode is not None:
         patches.update(list_mode_options(options.mode))
     patches.update(options.inductor)
