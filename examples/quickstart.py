@@ -147,7 +147,8 @@ def main() -> int:
     if show:
         print(f"\n{'':24}{'ms/step':>9}{'speedup':>9}{'first call (compile)':>23}")
         print(f"{'eager':<24}{1000 * eager_step:9.1f}{1.0:8.2f}x")
-        for name, step, compile_s in [(f"paracompile ulysses {world_size}", parallel_step, parallel_compile),
+        parallel_name = f"paracompile ulysses {world_size}" if world_size > 1 else "paracompile (1 process)"
+        for name, step, compile_s in [(parallel_name, parallel_step, parallel_compile),
                                       ("paracompile + FBCache", cached_step, cached_compile)]:
             print(f"{name:<24}{1000 * step:9.1f}{eager_step / step:8.2f}x{compile_s:21.1f} s")
         print(f"\nFirst Block Cache, threshold {args.threshold}: {hits}/{calls} steps hit "
@@ -157,7 +158,7 @@ def main() -> int:
               f"{'OK' if passed else 'FAILED'}")
         args.out.mkdir(parents=True, exist_ok=True)
         grids = [digits.to_grid(images, columns=digits.NUM_CLASSES) for images in (eager, parallel, cached)]
-        titles = ["eager", f"paracompile (ulysses {world_size})",
+        titles = ["eager", f"paracompile (ulysses {world_size})" if world_size > 1 else "paracompile (1 process)",
                   f"+ FBCache {args.threshold:g} ({100 * hits / max(calls, 1):.0f}% hits)"]
         side_by_side(grids, titles).save(args.out / "quickstart.png")
         print(f"wrote {args.out / 'quickstart.png'}")
