@@ -179,6 +179,8 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
             pending = None
 
     output = builder.call(aten._to_copy.default, output, dtype=query_value.dtype)
+    # Later passes (First Block Cache) find attention, and the module it belongs to, by these.
+    output.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
     output.meta["paracompile_attention"] = "ring"
     if ulysses_size > 1:
         output = collectives.scatter_tokens_gather_heads(builder, output, head_dim, token_dim, ulysses)
