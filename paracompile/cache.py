@@ -17,11 +17,17 @@ One `FirstBlockCache` wraps the three compiled parts of one graph (passes/first_
 
 Host syncs: one per call at most. With the timestep on the device, the sums for both slots the call can
 land in are computed before the timestep is read, and the timestep and sums come back in one transfer.
+
+State belongs to the model, not to a compiled graph: Dynamo serves two instances of one class with one graph
+(their weights are inputs), and may recompile a graph on one rank only (a guard on a rank's local size). So
+the state is looked up per call by (the graph's code frame, the plan, the options, the address of the
+model's first weight): a recompiled graph continues its model's generations and slots, and every rank keeps
+making the same collective calls.
 """
 from __future__ import annotations
 
 import itertools
-import weakref
+import warnings
 import zlib
 from collections import deque
 from dataclasses import dataclass
@@ -30,23 +36,22 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-_caches: "weakref.WeakSet[FirstBlockCache]" = weakref.WeakSet()
+_states: dict = {}  # state key -> CacheState
 _generations: deque = deque(maxlen=4096)  # one dict per generation, oldest first
-_graph_ids = itertools.count()
+_model_numbers = itertools.count()
 
 
 def reset_cache() -> None:
     """Forgets every cached residual and the statistics: the next call of every compiled model misses and
     starts a new generation."""
-    for cache in list(_caches):
-        cache.reset()
+    _states.clear()
     _generations.clear()
 
 
 def cache_stats() -> list[dict]:
-    """Hits and misses per generation, oldest first: `{"graph": n, "generation": k, "hits": h,
-    "misses": m}`, where `graph` numbers the compiled graphs (a model compiled at two sizes has two) and
-    `generation` counts that graph's generations from 0."""
+    """Hits and misses per generation, oldest first: `{"model": n, "generation": k, "hits": h,
+    "misses": m}`, where `model` numbers the cached models in the order they were first called and
+    `generation` counts that model's generations from 0."""
     return [dict(generation) for generation in _generations]
 
 
@@ -60,14 +65,11 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def ranks_agree(signature: str) -> bool:
-    """Whether every rank planned the same cache (a collective: all ranks call it once per compile)."""
-    if _world_size() == 1:
-        return True
-    value = zlib.crc32(signature.encode())
-    bounds = torch.tensor([value, -value], dtype=torch.int64, device=_collective_device())
-    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
-    return int(bounds[0]) == value == -int(bounds[1])
+def plan_check(signature: str) -> tuple[float, float]:
+    """(h, h * h) for a small hash h of the plan: summed over n ranks they equal (n h, n h * h) on every rank
+    only if all ranks have the same h (equality in Cauchy-Schwarz), and stay exact in float32."""
+    value = float(zlib.crc32(signature.encode()) % 251 + 1)
+    return value, value * value
 
 
 @dataclass
@@ -79,11 +81,25 @@ class _Slot:
     hits_in_row: int = 0
 
 
+class CacheState:
+    """One model's generations and slots."""
+
+    def __init__(self):
+        self.number = next(_model_numbers)
+        self.slots: dict[int, _Slot] = {}
+        self.last_timestep: Optional[float] = None
+        self.position = 0
+        self.generation: Optional[dict] = None
+        self.generation_count = 0
+        self.disabled = False  # the ranks planned different caches: every call runs the whole region
+
+
 class FirstBlockCache:
     """The compiled callable: runs head, then rest or the cached residuals, then tail."""
 
     def __init__(self, head: Callable, rest: Callable, tail: Callable, split, options, timestep_index: Optional[int],
-                 data_inputs: list[int], description: str = ""):
+                 data_inputs: list[int], weight_input: Optional[int], state_key: tuple, signature: str,
+                 description: str = ""):
         self.head, self.rest, self.tail = head, rest, tail
         self.stream_count = split.stream_count
         self.head_to_rest = split.head_to_rest
@@ -93,34 +109,35 @@ class FirstBlockCache:
         self.max_hits = options.fbcache_max_hits
         self.timestep_index = timestep_index
         self.data_inputs = data_inputs
+        self.weight_input = weight_input
+        self.state_key = state_key
+        self.check = plan_check(signature)
         self.description = description
         self.world_size = _world_size()
         # CUDA graphs reuse their output buffers on the next replay: what the cache keeps must be copied.
         self.keep_copies = _uses_cuda_graphs(options)
-        self.graph_id = next(_graph_ids)
-        self.generation_count = 0
-        self.reset()
-        _caches.add(self)
 
-    def reset(self) -> None:
-        self.slots: dict[int, _Slot] = {}
-        self.last_timestep: Optional[float] = None
-        self.position = 0
-        self.generation: Optional[dict] = None
+    def _state(self, args) -> CacheState:
+        weight = args[self.weight_input] if self.weight_input is not None else None
+        key = self.state_key + ((weight.device, weight.data_ptr()) if isinstance(weight, torch.Tensor) else (None,),)
+        state = _states.get(key)
+        if state is None:
+            state = _states[key] = CacheState()
+        return state
 
-    # ------------------------------------------------------------------------------------------------
     def __call__(self, *args):
         head_outputs = self.head(*args)
         residual = head_outputs[0]
         starts = [head_outputs[1 + i] for i in range(self.stream_count)]
         shape_key = tuple((tuple(args[i].shape), args[i].dtype) if isinstance(args[i], torch.Tensor) else args[i]
                           for i in self.data_inputs)
-        position, hit = self._decide(args, residual, shape_key)
-        slot = self.slots.get(position)
+        state = self._state(args)
+        position, hit = self._decide(state, args, residual, shape_key)
+        slot = state.slots.get(position)
         if hit:
             ends = [start + cached for start, cached in zip(starts, slot.residuals)]
             slot.hits_in_row += 1
-            self.generation["hits"] += 1
+            state.generation["hits"] += 1
         else:
             rest_outputs = self.rest(*args, *[head_outputs[i] for i in self.head_to_rest])
             ends = list(rest_outputs[:self.stream_count])
@@ -128,81 +145,95 @@ class FirstBlockCache:
             if self.keep_copies:
                 residual, residuals = residual.clone(), [r.clone() for r in residuals]
             if slot is None or slot.shape_key != shape_key:
-                slot = self.slots[position] = _Slot(shape_key)
+                slot = state.slots[position] = _Slot(shape_key)
             slot.r_prev, slot.residuals, slot.hits_in_row = residual, residuals, 0
-            self.generation["misses"] += 1
+            state.generation["misses"] += 1
         slot.calls += 1
         return self.tail(*args, *[head_outputs[i] for i in self.head_to_tail], *ends)
 
     # ------------------------------------------------------------------------------------------------
-    def _decide(self, args, residual: torch.Tensor, shape_key: tuple) -> tuple[int, bool]:
+    def _decide(self, state: CacheState, args, residual: torch.Tensor, shape_key: tuple) -> tuple[int, bool]:
         """(slot position, hit) for this call; advances the generation and slot bookkeeping."""
         timestep = args[self.timestep_index] if self.timestep_index is not None else None
         if timestep is None or reads_without_sync(timestep):
             # Reading a CPU tensor does not wait for the device: pick the slot first, then at most one
             # transfer for the decision.
             value = float(timestep.reshape(-1)[0]) if timestep is not None else None
-            position = self._advance(value)
-            candidates = [position] if self._eligible(position, shape_key) else []
-            sums = self._reduced_sums(residual, candidates)
+            position = self._advance(state, value)
+            candidates = [position] if self._eligible(state, position, shape_key) else []
             if not candidates:
                 return position, False
-            different, total = sums.tolist()
-            return position, self._is_hit(different, total)
-        # The timestep lives on the device: the call lands in the next slot (same timestep as the last
-        # call) or in slot 0 (a lower one; a higher one starts a generation and misses). Compute the sums
-        # for both before reading the timestep, and read everything in one transfer.
-        candidates = [p for p in dict.fromkeys((self.position + 1, 0)) if self._eligible(p, shape_key)]
-        sums = self._reduced_sums(residual, candidates)
-        first = timestep.reshape(-1)[:1].to(torch.float64)
-        values = (torch.cat([first, sums.to(device=first.device, dtype=torch.float64)]) if candidates else first).tolist()
-        position = self._advance(values[0])
-        if position not in candidates:
+            values = self._reduced_sums(state, residual, candidates).tolist()
+        else:
+            # The timestep lives on the device: the call lands in the next slot (same timestep as the last
+            # call) or in slot 0 (a lower one; a higher one starts a generation and misses). Compute the sums
+            # for both before reading the timestep, and read everything in one transfer.
+            candidates = [p for p in dict.fromkeys((state.position + 1, 0)) if self._eligible(state, p, shape_key)]
+            first = timestep.reshape(-1)[:1].to(torch.float64)
+            if candidates:
+                sums = self._reduced_sums(state, residual, candidates)
+                first = torch.cat([first, sums.to(device=first.device, dtype=torch.float64)])
+            everything = first.tolist()
+            position = self._advance(state, everything[0])
+            values = everything[1:]
+            if position not in candidates:
+                return position, False
+        if not self._plans_agree(state, values[-2:]):
             return position, False
-        offset = 1 + 2 * candidates.index(position)
+        offset = 2 * candidates.index(position)
         return position, self._is_hit(values[offset], values[offset + 1])
 
-    def _advance(self, timestep: Optional[float]) -> int:
-        new_generation = self.generation is None
+    def _advance(self, state: CacheState, timestep: Optional[float]) -> int:
+        new_generation = state.generation is None
         if timestep is not None:
-            if self.last_timestep is None or timestep > self.last_timestep:
+            if state.last_timestep is None or timestep > state.last_timestep:
                 new_generation = True
-                self.position = 0
-            elif timestep == self.last_timestep:
-                self.position += 1
+                state.position = 0
+            elif timestep == state.last_timestep:
+                state.position += 1
             else:
-                self.position = 0
-            self.last_timestep = timestep
+                state.position = 0
+            state.last_timestep = timestep
         if new_generation:
-            self.slots.clear()
-            self.generation = dict(graph=self.graph_id, generation=self.generation_count, hits=0, misses=0)
-            self.generation_count += 1
-            _generations.append(self.generation)
-        return self.position
+            state.slots.clear()
+            state.generation = dict(model=state.number, generation=state.generation_count, hits=0, misses=0)
+            state.generation_count += 1
+            _generations.append(state.generation)
+        return state.position
 
-    def _eligible(self, position: int, shape_key: tuple) -> bool:
+    def _eligible(self, state: CacheState, position: int, shape_key: tuple) -> bool:
         """Whether a call landing in this slot may hit (otherwise it is a forced miss and needs no sums)."""
-        if self.generation is None:
+        if state.generation is None or state.disabled:
             return False
-        slot = self.slots.get(position)
+        slot = state.slots.get(position)
         return (slot is not None and slot.shape_key == shape_key and slot.r_prev is not None
                 and slot.calls >= self.warmup and (self.max_hits is None or slot.hits_in_row < self.max_hits))
 
-    def _reduced_sums(self, residual: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        """[sum|r - r_prev|, sum|r_prev|] per candidate slot, summed over all ranks: each rank holds its shard
-        of the hidden stream (or a copy of it), and a ratio of sums does not change when every piece is
-        counted the same number of times."""
-        if not positions:
-            return residual.new_zeros(0, dtype=torch.float32)
+    def _reduced_sums(self, state: CacheState, residual: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """[sum|r - r_prev|, sum|r_prev|] per candidate slot, then the plan check, summed over all ranks: each
+        rank holds its shard of the hidden stream (or a copy of it), and a ratio of sums does not change when
+        every piece is counted the same number of times."""
         parts = []
         for position in positions:
-            previous = self.slots[position].r_prev
+            previous = state.slots[position].r_prev
             parts.append((residual - previous).abs().sum(dtype=torch.float32))
             parts.append(previous.abs().sum(dtype=torch.float32))
         sums = torch.stack(parts)
         if self.world_size > 1:
+            sums = torch.cat([sums, sums.new_tensor(self.check)])
             dist.all_reduce(sums)
         return sums
+
+    def _plans_agree(self, state: CacheState, check: list[float]) -> bool:
+        if self.world_size == 1:
+            return True
+        value, square = self.check
+        if check == [self.world_size * value, self.world_size * square]:
+            return True
+        state.disabled = True  # every rank sees the same sums, so every rank turns the cache off here
+        warnings.warn("paracompile: the ranks planned different First Block Caches for this model; the cache "
+                      "is off for it from now on (every call runs all blocks)", stacklevel=3)
+        return False
 
     def _is_hit(self, different: float, total: float) -> bool:
         return total > 0 and different / total < self.threshold

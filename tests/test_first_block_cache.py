@@ -148,6 +148,9 @@ def model_spec(name: str) -> ModelSpec:
                                ("transformer_blocks", "single_transformer_blocks"))
     if name == "wan_t2v":  # blocks return hidden_states; called positionally
         return _diffusers_spec("wan_t2v", 0, lambda args, kwargs: args[0], ("blocks",))
+    if name == "hunyuan_video":  # blocks return (hidden_states, encoder_hidden_states); called positionally
+        return _diffusers_spec("hunyuan_video", 0, lambda args, kwargs: args[0],
+                               ("transformer_blocks", "single_transformer_blocks"))
     raise KeyError(name)
 
 
@@ -255,10 +258,10 @@ def test_threshold_zero_or_tiny_equals_no_cache(threshold):
     actual = run_compiled(model, spec, calls, dict(EAGER, threshold=threshold))
     compare("toy", eager, actual)
     stats = paracompile.cache_stats()
-    assert stats == ([] if threshold == 0 else [dict(graph=stats[0]["graph"], generation=0, hits=0, misses=4)])
+    assert stats == ([] if threshold == 0 else [dict(model=stats[0]["model"], generation=0, hits=0, misses=4)])
 
 
-@pytest.mark.parametrize("name", ["toy", "flux", "wan_t2v"])
+@pytest.mark.parametrize("name", ["toy", "flux", "wan_t2v", "hunyuan_video"])
 def test_huge_threshold_hits_with_cached_residual(name):
     """After the first call, every call is head(block-0 output + cached residual), which the reference
     computes by hand; and that differs from running the blocks."""
@@ -284,6 +287,12 @@ EXPECTED_REPORT = {
   streams: 1 cached""",
     # Image and text streams are carried; only the image stream is read after the loop.
     "flux": """  block loop: transformer_blocks (1 block), single_transformer_blocks (2 blocks)
+  first block (always runs): transformer_blocks.0
+  cached region: single_transformer_blocks.0 .. single_transformer_blocks.1 (2 blocks, skipped on a hit)
+  streams: 1 cached""",
+    # Its single blocks split text from image with negative bounds (`x[:, :-text_length]`); its token
+    # refiner (a ModuleList nested in the text embedder) is not the block loop.
+    "hunyuan_video": """  block loop: transformer_blocks (1 block), single_transformer_blocks (2 blocks)
   first block (always runs): transformer_blocks.0
   cached region: single_transformer_blocks.0 .. single_transformer_blocks.1 (2 blocks, skipped on a hit)
   streams: 1 cached""",
@@ -377,6 +386,26 @@ def test_a_residual_is_never_reused_at_another_shape_and_reset_cache_forgets():
         output = compiled(**later)  # a lower timestep, but the cache was reset: a new generation, a miss
         assert [(g["hits"], g["misses"]) for g in paracompile.cache_stats()] == [(0, 1)]
         assert_matches(output, model(**later))
+
+
+def test_two_instances_of_one_class_keep_their_own_cache():
+    """Dynamo serves both instances with one graph (their weights are inputs): the cache state must still
+    be per model, or the second model would add the first one's residual."""
+    spec = model_spec("toy")
+    first = spec.build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        second = ToyDiT(depth=3).eval()
+    calls = generation_calls(spec, "default", 3)
+    expected = {name: run_reference(spec, model, calls, HUGE) for name, model in (("first", first), ("second", second))}
+    compiled = {name: torch.compile(model, backend="paracompile", options=dict(EAGER, threshold=HUGE))
+                for name, model in (("first", first), ("second", second))}
+    with torch.no_grad():
+        for index, (inputs, _, _) in enumerate(calls):
+            for name in ("first", "second"):  # interleaved, like two experts or two pipelines
+                assert_matches(compiled[name](**inputs), expected[name][index][0], f"{name} call {index}")
+    stats = paracompile.cache_stats()
+    assert sorted((g["hits"], g["misses"]) for g in stats) == [(2, 1), (2, 1)], stats
 
 
 def test_no_block_loop_warns_and_does_not_cache():
@@ -486,12 +515,22 @@ def test_inductor_matches_reference():
 
 
 WORLD_MODELS = ["toy", "flux", "wan_t2v"]
+# toy_dynamic: dynamic shapes, two sizes in one generation (a residual is never reused at the other size).
+# toy_plans_differ: the ranks' plan checks disagree (as if they had split the graph differently): the first
+# call that could hit turns the cache off on both ranks, and every call runs all blocks.
+WORLD_SCENARIOS = WORLD_MODELS + ["toy_dynamic", "toy_plans_differ"]
 
 
-def _run_world_models(rank, world_size, names):
+def _dynamic_calls(spec):
+    small, large = toy_inputs(height=8, width=12, text_length=6), toy_inputs(height=10, width=14, text_length=7, seed=1)
+    sequence = [(small, 1.0), (small, 0.9), (large, 0.8), (large, 0.7), (small, 0.6)]
+    return [(dict(inputs, timestep=scale * small["timestep"]), 0, False) for inputs, scale in sequence]
+
+
+def _run_world_scenarios(rank, world_size, names):
     import paracompile.cache
 
-    all_reduce = paracompile.cache.dist.all_reduce
+    all_reduce, plan_check = paracompile.cache.dist.all_reduce, paracompile.cache.plan_check
     reduced_shapes = []
 
     def counting_all_reduce(tensor, *args, **kwargs):
@@ -502,35 +541,57 @@ def _run_world_models(rank, world_size, names):
     results = {}
     try:
         for name in names:
-            spec = model_spec(name)
+            spec = model_spec(name.split("_")[0] if name.startswith("toy") else name)
             model = spec.build()
-            calls = generation_calls(spec, "uneven", 6)
-            threshold = middle_threshold(spec, model, calls)
+            dynamic = None
+            if name == "toy_dynamic":
+                calls, threshold, dynamic = _dynamic_calls(spec), HUGE, True
+            else:
+                calls = generation_calls(spec, "uneven", 6)
+                threshold = HUGE if name == "toy_plans_differ" else middle_threshold(spec, model, calls)
             expected = run_reference(spec, model, calls, threshold)
+            if name == "toy_plans_differ":
+                paracompile.cache.plan_check = lambda signature: (rank + 1.0, (rank + 1.0) ** 2)
+                expected = [(output, False, None) for output, _, _ in run_reference(spec, model, calls, TINY)]
             reduced_shapes.clear()
-            actual = run_compiled(model, spec, calls, dict(EAGER, threshold=threshold))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                actual = run_compiled(model, spec, calls, dict(EAGER, threshold=threshold), dynamic=dynamic)
+            paracompile.cache.plan_check = plan_check
             results[name] = dict(expected=expected, actual=actual, threshold=threshold, reduced=list(reduced_shapes),
-                                 explanations=list(backend.explanations), stats=paracompile.cache_stats())
+                                 explanations=list(backend.explanations), stats=paracompile.cache_stats(),
+                                 warnings=[str(w.message) for w in caught if "paracompile" in str(w.message)])
     finally:
-        paracompile.cache.dist.all_reduce = all_reduce
+        paracompile.cache.dist.all_reduce, paracompile.cache.plan_check = all_reduce, plan_check
     return results
 
 
 @pytest.fixture(scope="module")
 def world2():
-    per_rank = run_on_ranks(_run_world_models, 2, WORLD_MODELS, timeout=900)
-    return {name: [ranks[name] for ranks in per_rank] for name in WORLD_MODELS}
+    per_rank = run_on_ranks(_run_world_scenarios, 2, WORLD_SCENARIOS, timeout=900)
+    return {name: [ranks[name] for ranks in per_rank] for name in WORLD_SCENARIOS}
 
 
-@pytest.mark.parametrize("name", WORLD_MODELS)
+@pytest.mark.parametrize("name", WORLD_MODELS + ["toy_dynamic"])
 def test_two_ranks_take_the_same_branch_and_match_one_rank(world2, name):
     ranks = world2[name]
     for rank, result in enumerate(ranks):
         assert any("first block cache: threshold" in text for text in result["explanations"]), result["explanations"]
         compare(f"{name} rank {rank}", result["expected"], result["actual"])
+        assert not result["warnings"], result["warnings"]
     assert [hit for _, hit in ranks[0]["actual"]] == [hit for _, hit in ranks[1]["actual"]]
     assert ranks[0]["stats"] == ranks[1]["stats"]
-    # One all-reduce when compiling (the ranks agree on the plan), then the two sums of every call that may
-    # hit (all but the first): the diff is global.
+    # The two sums of every call that may hit, and the plan check, in one all-reduce: the diff is global.
+    eligible = {"toy_dynamic": 2}.get(name, 5)  # dynamic: the calls at a size just seen
     for result in ranks:
-        assert result["reduced"] == [((2,), torch.int64)] + [((2,), torch.float32)] * 5, result["reduced"]
+        assert result["reduced"] == [((4,), torch.float32)] * eligible, result["reduced"]
+
+
+def test_ranks_with_different_plans_turn_the_cache_off_together(world2):
+    ranks = world2["toy_plans_differ"]
+    for rank, result in enumerate(ranks):
+        compare(f"rank {rank}", result["expected"], result["actual"])  # every call misses, matches eager
+        assert any("planned different First Block Caches" in text for text in result["warnings"]), result["warnings"]
+        # One all-reduce found the disagreement; no call after it tried to hit.
+        assert result["reduced"] == [((4,), torch.float32)], result["reduced"]
+    assert ranks[0]["stats"] == ranks[1]["stats"]

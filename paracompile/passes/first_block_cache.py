@@ -21,10 +21,13 @@ How the graph is split (by position in the graph, which is execution order):
   (block 0's input on that stream), computed in the head.
 
 Shapes come from `meta["val"]`; after sharding they are this rank's local shapes (the graph is fake-tensor
-propagated first), so every structural choice is also checked to be the same on every rank.
+propagated first). The choices follow the graph's structure (module stacks, residual paths, slice bounds),
+which is the same on every rank; the runtime still checks, with the decision's all-reduce, that every rank
+made the same plan, and turns the cache off if not.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import operator
@@ -249,6 +252,9 @@ def _through_slice(node: fx.Node, window: Optional[_Window], added: bool):
         return []
     if end is None or (isinstance(end, int) and end >= 2 ** 62):
         end = size
+    # Negative bounds count from the end (`x[:, :-text_length]`, HunyuanVideo's single blocks).
+    start = start + size if _known_less_equal(start + 1, 0) else start
+    end = end + size if _known_less_equal(end + 1, 0) else end
     if window is not None and window.dim != dim:
         return []  # a slice of a slice along another dim: not a residual stream
     if window is not None:
@@ -669,26 +675,24 @@ def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, opt
     """Compiles `gm` (Dynamo's graph at world size 1, the final aten graph otherwise) with the cache, or
     without it (and with a warning) when the graph has no block loop to cache."""
     import paracompile.backend as backend
-    from paracompile.cache import FirstBlockCache, ranks_agree
+    from paracompile.cache import FirstBlockCache
     from paracompile.passes.trace_to_aten import check_fixed_scalars, trace_to_aten
 
     plain_options = dataclasses.replace(options, threshold=0.0)
     fixed_scalars: list = []
     if not _is_aten_graph(gm):
         gm, fixed_scalars = trace_to_aten(gm, example_inputs)
-    _propagate_shapes(gm)
+    # Inductor compiles the parts from these shapes, so the guards the propagation needs must hold; the
+    # eager compiler runs real tensors, and a guard on this rank's local size would only make the ranks
+    # recompile at different times.
+    _propagate_shapes(gm, keep_guards=options.compiler != "eager")
 
     try:
         plan = plan_cache(gm, options.timestep_arg)
-        failure = None
     except CacheUnavailable as error:
-        plan, failure = None, str(error)
-    if not ranks_agree(plan.signature() if plan is not None else "none"):
-        plan, failure = None, "the ranks found different block loops or streams"
-    if plan is None:
         warnings.warn(f"paracompile: threshold {options.threshold:g} but no First Block Cache for this graph: "
-                      f"{failure}; compiling it without the cache", stacklevel=2)
-        backend.explanations.append(f"first block cache: off ({failure})")
+                      f"{error}; compiling it without the cache", stacklevel=2)
+        backend.explanations.append(f"first block cache: off ({error})")
         return check_fixed_scalars(compile_graph(gm, example_inputs, plain_options), fixed_scalars)
 
     split = split_graph(gm, plan)
@@ -699,9 +703,15 @@ def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, opt
     parts = {name: compile_graph(graph, split.example_values[name], plain_options)
              for name, graph in ((HEAD, split.head), (REST, split.rest), (TAIL, split.tail))}
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-    data_inputs = [i for i, node in enumerate(placeholders) if not str(node.target).startswith("L_self_")]
+    # Inputs named after the module's state are its weights; the others are the call's data.
+    weights = [i for i, node in enumerate(placeholders) if str(node.target).startswith("L_self_")]
+    data_inputs = [i for i in range(len(placeholders)) if i not in weights]
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    frame = compile_id.frame_id if compile_id is not None else None
+    signature = plan.signature()
+    state_key = (frame, signature, options.threshold, options.fbcache_warmup, options.fbcache_max_hits)
     cache = FirstBlockCache(parts[HEAD], parts[REST], parts[TAIL], split, options, plan.timestep_index,
-                            data_inputs, description=report)
+                            data_inputs, weights[0] if weights else None, state_key, signature, description=report)
     return check_fixed_scalars(cache, fixed_scalars)
 
 
@@ -710,12 +720,19 @@ def _is_aten_graph(gm: fx.GraphModule) -> bool:
     return all("val" in node.meta for node in gm.graph.nodes if node.op == "placeholder")
 
 
-def _propagate_shapes(gm: fx.GraphModule) -> None:
+def _propagate_shapes(gm: fx.GraphModule, keep_guards: bool) -> None:
     """Nodes the sharding passes created have no `meta["val"]`; fake-propagate to get this rank's shapes."""
     if all("val" in node.meta for node in gm.graph.nodes if node.op not in ("output",)):
         return
+    from torch._dispatch.python import enable_python_dispatcher
     from torch._guards import detect_fake_mode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     values = [node.meta["val"] for node in gm.graph.nodes if node.op == "placeholder"]
-    FakeTensorProp(gm, detect_fake_mode(values)).propagate_dont_convert_inputs(*values)
+    # The Python dispatcher gives ops with symbolic size arguments (constant_pad_nd by a SymInt, say) their
+    # Python meta functions; their C++ ones accept only concrete sizes.
+    fake_mode = detect_fake_mode(values)
+    shape_env = fake_mode.shape_env
+    quiet = shape_env.suppress_guards() if shape_env is not None and not keep_guards else contextlib.nullcontext()
+    with enable_python_dispatcher(), quiet:
+        FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*values)
