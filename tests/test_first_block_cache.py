@@ -16,6 +16,7 @@ differences between the compiled and the eager model cannot flip a decision.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -518,7 +519,21 @@ WORLD_MODELS = ["toy", "flux", "wan_t2v"]
 # toy_dynamic: dynamic shapes, two sizes in one generation (a residual is never reused at the other size).
 # toy_plans_differ: the ranks' plan checks disagree (as if they had split the graph differently): the first
 # call that could hit turns the cache off on both ranks, and every call runs all blocks.
-WORLD_SCENARIOS = WORLD_MODELS + ["toy_dynamic", "toy_plans_differ"]
+# toy_ring, toy_batch: the other meshes (ring attention's kernels replace SDPA; the batch dim gives each rank
+# other rows, so each rank's diff alone would differ).
+WORLD_SCENARIOS = WORLD_MODELS + ["toy_ring", "toy_batch", "toy_dynamic", "toy_plans_differ"]
+MESHES = {"toy_ring": {"ring": 2}, "toy_batch": {"batch": 2}}
+
+
+def _batch_of_two(calls):
+    """Each call's inputs as a batch of two different rows (a CFG-like batch for the batch mesh)."""
+    doubled = []
+    for inputs, slot, new_generation in calls:
+        inputs = dict(inputs, latents=torch.cat([inputs["latents"], 0.5 * inputs["latents"].flip(-1)]),
+                      text=torch.cat([inputs["text"], torch.zeros_like(inputs["text"])]),
+                      timestep=inputs["timestep"].expand(2))
+        doubled.append((inputs, slot, new_generation))
+    return doubled
 
 
 def _dynamic_calls(spec):
@@ -541,6 +556,7 @@ def _run_world_scenarios(rank, world_size, names):
     results = {}
     try:
         for name in names:
+            started = time.perf_counter()
             spec = model_spec(name.split("_")[0] if name.startswith("toy") else name)
             model = spec.build()
             dynamic = None
@@ -548,6 +564,8 @@ def _run_world_scenarios(rank, world_size, names):
                 calls, threshold, dynamic = _dynamic_calls(spec), HUGE, True
             else:
                 calls = generation_calls(spec, "uneven", 6)
+                if name == "toy_batch":
+                    calls = _batch_of_two(calls)
                 threshold = HUGE if name == "toy_plans_differ" else middle_threshold(spec, model, calls)
             expected = run_reference(spec, model, calls, threshold)
             if name == "toy_plans_differ":
@@ -556,11 +574,13 @@ def _run_world_scenarios(rank, world_size, names):
             reduced_shapes.clear()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                actual = run_compiled(model, spec, calls, dict(EAGER, threshold=threshold), dynamic=dynamic)
+                options = dict(EAGER, threshold=threshold, **({"mesh": MESHES[name]} if name in MESHES else {}))
+                actual = run_compiled(model, spec, calls, options, dynamic=dynamic)
             paracompile.cache.plan_check = plan_check
             results[name] = dict(expected=expected, actual=actual, threshold=threshold, reduced=list(reduced_shapes),
                                  explanations=list(backend.explanations), stats=paracompile.cache_stats(),
-                                 warnings=[str(w.message) for w in caught if "paracompile" in str(w.message)])
+                                 warnings=[str(w.message) for w in caught if "paracompile" in str(w.message)],
+                                 seconds=time.perf_counter() - started)
     finally:
         paracompile.cache.dist.all_reduce, paracompile.cache.plan_check = all_reduce, plan_check
     return results
@@ -572,7 +592,7 @@ def world2():
     return {name: [ranks[name] for ranks in per_rank] for name in WORLD_SCENARIOS}
 
 
-@pytest.mark.parametrize("name", WORLD_MODELS + ["toy_dynamic"])
+@pytest.mark.parametrize("name", WORLD_MODELS + ["toy_ring", "toy_batch", "toy_dynamic"])
 def test_two_ranks_take_the_same_branch_and_match_one_rank(world2, name):
     ranks = world2[name]
     for rank, result in enumerate(ranks):

@@ -45,7 +45,13 @@ from paracompile.options import Options
 
 logger = logging.getLogger("paracompile")
 aten = torch.ops.aten
-ATTENTION = aten.scaled_dot_product_attention.default
+# What attention becomes in the final graph: SDPA (Ulysses, local or replicated), the kernels ring attention
+# calls per step, or the log-sum-exp of ring attention's exact fp32 path.
+ATTENTION_OPS = {
+    aten.scaled_dot_product_attention.default, aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_cudnn_attention.default, aten.logsumexp.default,
+}
 
 HEAD, REST, TAIL = "head", "rest", "tail"
 
@@ -116,15 +122,16 @@ class BlockRegion:
 def find_block_region(nodes: list[fx.Node]) -> BlockRegion:
     """The outermost ModuleList(s) whose children hold attention and run one after another."""
     positions: dict = {}
-    with_attention: set = set()
     for position, node in enumerate(nodes):
         block = block_of(node) if node.op == "call_function" else None
-        if block is None:
-            continue
-        first, _ = positions.get(block, (position, position))
-        positions[block] = (first, position)
-        if node.target is ATTENTION:
-            with_attention.add(block[0])
+        if block is not None:
+            first, _ = positions.get(block, (position, position))
+            positions[block] = (first, position)
+    # By position, not by module stack: nodes the sharding passes create (ring attention's kernels, a
+    # replicated fallback) have no stack, but run between their block's first and last node.
+    attention = [position for position, node in enumerate(nodes) if node.target in ATTENTION_OPS]
+    with_attention = {block[0] for block, (first, last) in positions.items()
+                      if any(first <= position <= last for position in attention)}
     if not with_attention:
         raise CacheUnavailable("no ModuleList in the graph has children that run attention (no block loop)")
     depth = min(len(path) for path in with_attention)
