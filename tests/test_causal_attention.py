@@ -29,7 +29,9 @@ def _causal_errors(rank, world_size, mesh):
     model = CausalSelfAttention().eval()
     compiled = torch.compile(model, backend="paracompile", options={"compiler": "eager", "mesh": mesh})
     errors = []
-    for tokens in (12, 13, 7):
+    # 5 tokens over 4 ranks: chunks of 2, 2, 1 and 0, so one rank holds no queries and no keys; after
+    # the recompile at 13 tokens the sizes are symbolic.
+    for tokens in (12, 13, 5):
         x = torch.randn(2, tokens, 16)
         with torch.no_grad():
             errors.append((compiled(x) - model(x)).abs().max().item())
@@ -41,7 +43,8 @@ def _causal_errors(rank, world_size, mesh):
     (4, "auto", "ulysses over 4 ranks"),
     (2, {"ring": 2}, "ring over 2 ranks"),
     (4, {"ulysses": 2, "ring": 2}, "ring over 2 ranks (ulysses 2 inside"),
-], ids=["ulysses2", "ulysses4", "ring2", "ulysses2_ring2"])
+    (4, {"ring": 4}, "ring over 4 ranks"),
+], ids=["ulysses2", "ulysses4", "ring2", "ulysses2_ring2", "ring4"])
 def test_causal_attention_matches_eager(world_size, mesh, expected):
     for errors, explanations in run_on_ranks(_causal_errors, world_size, mesh, timeout=600):
         assert max(errors) < 1e-4, errors

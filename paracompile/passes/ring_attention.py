@@ -112,9 +112,25 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
         query_positions = _query_order(builder, positions, 0, 1, query_layout.at_dim(0), sequence, my_ranks,
                                        ulysses_size)
 
+    # A rank may hold no queries (a short segment over many ranks): give the kernel one padding row.
+    query_length = None
+    if ulysses_size == 1:
+        query_length = collectives.SegmentArithmetic(builder, query_layout, sequence).local_length()
+        query_padding = builder.sub(builder.maximum(query_length, 1), query_length)
+        if isinstance(query_padding, int) and query_padding == 0:
+            query_length = None
+        else:
+            query = builder.pad_end(query, token_dim, ndim, query_padding)
+            if isinstance(mask, fx.Node) and query_rows is not full_mask:
+                query_rows = builder.pad_end(query_rows, len(view.shape(mask)) - 2, len(view.shape(mask)),
+                                             query_padding)
+            elif causal:
+                query_positions = builder.pad_end(query_positions, 0, 1, query_padding)
+
     kernel = _choose_kernel(query_value, view, has_mask=isinstance(mask, fx.Node) or causal, heads=heads,
                             ulysses_size=ulysses_size)
     masked = isinstance(mask, fx.Node) or causal
+    may_be_empty = not even_blocks and any(not isinstance(length, int) for length in block_lengths)
     output = log_sum_exp = None
     pending = None
     for step in range(ring.size):
@@ -131,9 +147,18 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
             step_value = builder.call(aten.select.int, block, 0, 1)
         else:
             step_key, step_value = key, value
+        length = block_lengths[source]
+        if isinstance(length, int) and length == 0:
+            # The block holds no keys (its ranks' shards are empty): nothing to attend to.
+            block, key, value, pending = _receive(builder, pending, same_kind, block, key, value)
+            continue
+        # A block whose length is symbolic may turn out empty: attend to at least one (padding) key and
+        # discard the step's result below if it was empty.
+        maybe_empty = may_be_empty and not isinstance(length, int)
+        kept = builder.maximum(length, 1) if maybe_empty else length
         if not even_blocks:
-            step_key = builder.narrow(step_key, token_dim, 0, block_lengths[source])
-            step_value = builder.narrow(step_value, token_dim, 0, block_lengths[source])
+            step_key = builder.narrow(step_key, token_dim, 0, kept)
+            step_value = builder.narrow(step_value, token_dim, 0, kept)
 
         step_mask = None
         if isinstance(mask, fx.Node):
@@ -141,12 +166,17 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
             if len(mask_shape) >= 1 and not same_size(mask_shape[-1], 1):
                 step_mask = collectives.select_shards(builder, query_rows, key_layout.at_dim(len(mask_shape) - 1),
                                                       sequence, ranks_of_block(source))
+                if maybe_empty:
+                    step_mask = builder.pad_end(step_mask, len(mask_shape) - 1, len(mask_shape),
+                                                builder.sub(kept, length))
             else:
                 step_mask = query_rows
             step_mask = _additive(builder, step_mask, mask.meta["val"].dtype, query_value.dtype)
         elif causal:
             key_positions = collectives.select_shards(builder, positions, key_layout.at_dim(0), sequence,
                                                       ranks_of_block(source))
+            if maybe_empty:
+                key_positions = builder.pad_end(key_positions, 0, 1, builder.sub(kept, length))
             allowed = builder.call(aten.le.Tensor, builder.call(aten.unsqueeze.default, key_positions, 0),
                                    builder.call(aten.unsqueeze.default, query_positions, 1))
             step_mask = _additive(builder, allowed, torch.bool, query_value.dtype)
@@ -160,25 +190,27 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
             step_lse = builder.call(aten.where.ScalarSelf, empty, float("-inf"), step_lse)
             step_output = builder.call(aten.where.ScalarSelf, builder.call(aten.unsqueeze.default, empty, -1), 0.0,
                                        step_output)
+        if maybe_empty:
+            empty = builder.call(aten.eq.Scalar, builder.call(
+                aten.scalar_tensor.default, length, dtype=torch.int64, device=query_value.device), 0)
+            step_lse = builder.call(aten.where.ScalarSelf, empty, float("-inf"), step_lse)
+            step_output = builder.call(aten.where.ScalarSelf, empty, 0.0, step_output)
         if output is None:
             output, log_sum_exp = step_output, step_lse
         else:
             merged_lse = builder.call(aten.logaddexp.default, log_sum_exp, step_lse)
             weight = builder.call(aten.exp.default, builder.call(aten.sub.Tensor, step_lse, merged_lse))
-            if masked:
+            if masked or may_be_empty:
                 weight = builder.call(aten.nan_to_num.default, weight, 0.0)
             weight = builder.call(aten.unsqueeze.default, weight, -1)
             output = builder.call(aten.add.Tensor, output, builder.call(
                 aten.mul.Tensor, weight, builder.call(aten.sub.Tensor, step_output, output)))
             log_sum_exp = merged_lse
-        if pending is not None:
-            if same_kind:
-                block = collectives.wait_for_next_rank(builder, pending)
-            else:
-                key, value = (collectives.wait_for_next_rank(builder, p) for p in pending)
-            pending = None
+        block, key, value, pending = _receive(builder, pending, same_kind, block, key, value)
 
     output = builder.call(aten._to_copy.default, output, dtype=query_value.dtype)
+    if query_length is not None:
+        output = builder.narrow(output, token_dim, 0, query_length)
     # Later passes (First Block Cache) find attention, and the module it belongs to, by these.
     output.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
     output.meta["paracompile_attention"] = "ring"
@@ -192,6 +224,16 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
         f"{[str(s) for s in query_layout.segments]}, key segments {[str(s) for s in key_layout.segments]}"
         f"{', causal' if causal else ''}{', with mask' if isinstance(mask, fx.Node) else ''}"
         f"{'' if even_blocks else ', uneven blocks'})")
+
+
+def _receive(builder, pending, same_kind, block, key, value):
+    """Waits for the block in flight, if any: it becomes the block in hand."""
+    if pending is not None:
+        if same_kind:
+            block = collectives.wait_for_next_rank(builder, pending)
+        else:
+            key, value = (collectives.wait_for_next_rank(builder, p) for p in pending)
+    return block, key, value, None
 
 
 def _scatter_heads(builder, tensor, ndim, layout, sequence, ulysses, head_dim, token_dim):
