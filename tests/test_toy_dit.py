@@ -19,7 +19,7 @@ UNEVEN = dict(height=10, width=14)  # 5x7 = 35 image tokens: divisible by neithe
 SCALAR_CPP = {"cpp.vec_isa_ok": False}
 
 # name -> how to build the model, its inputs and the options. "expect": "ulysses" when every
-# self-attention must run with Ulysses, "replicated" when paracompile must fall back.
+# self-attention must run with Ulysses, "ring" when mesh="auto" must pick Ring.
 SCENARIOS = {
     "default": dict(),
     "uneven_text6": dict(inputs=dict(UNEVEN, text_length=6)),  # 35 + 6 = 41 tokens
@@ -31,8 +31,8 @@ SCENARIOS = {
     "explicit_mesh": dict(options=dict(mesh="explicit")),  # {"ulysses": world_size}
     "device_mesh": dict(options=dict(mesh="device_mesh")),  # DeviceMesh with one "ulysses" dim
     "eight_heads": dict(model=dict(width=64, heads=8)),  # 4 or 2 heads per rank
-    # 3 heads: neither 2 nor 4 divides them, so mesh="auto" falls back to replicated attention.
-    "three_heads_auto": dict(model=dict(width=24, heads=3), expect="replicated"),
+    # 3 heads: neither 2 nor 4 divides them, so mesh="auto" picks Ring over all ranks.
+    "three_heads_auto": dict(model=dict(width=24, heads=3), expect="ring"),
 }
 
 
@@ -129,19 +129,18 @@ def test_attention_runs_on_a_fraction_of_the_work(request, world_size, name):
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES, ids=lambda ws: f"ws{ws}")
-def test_head_count_not_divisible_falls_back_to_replicated(request, world_size):
+def test_head_count_not_divisible_picks_ring_with_auto(request, world_size):
     for rank, result in enumerate(_results(request, world_size)["three_heads_auto"]):
         assert result["error"] is None, result["error"]
         report = result["explanations"][0]
-        assert "replicated" in report and f"3 heads are not divisible by the Ulysses degree {world_size}" in report, report
-        assert result["graphs"][0]["all_to_all"] == 0
-        # The self-attentions really ran on all heads and all tokens (this also shows that the
-        # work check used by the other tests fails on replicated attention).
-        self_attention = [c for c in result["local_calls"] if c["queries"] == c["keys"]]
-        eager_self_attention = [c for c in result["eager_calls"] if c["queries"] == c["keys"]]
-        assert self_attention == eager_self_attention and len(self_attention) == 2
-        with pytest.raises(AssertionError, match="more than 1/"):
-            assert_attention_split(result["eager_calls"], result["local_calls"], world_size)
+        assert f"ring {world_size}, ulysses 1 (auto: Ulysses 1 is the largest divisor" in report, report
+        attention_lines = report_items(report, "attention")
+        assert len(attention_lines) == 3 and all(f"ring over {world_size} ranks" in line
+                                                 for line in attention_lines), report
+        # Every kernel call ran on this rank's queries against one block of keys, never on all tokens.
+        full = max(c["queries"] for c in result["eager_calls"])
+        assert result["local_calls"] and all(c["queries"] < full and c["keys"] < full
+                                             for c in result["local_calls"]), result["local_calls"]
 
 
 # ----------------------------------------------------------------------------------------------
