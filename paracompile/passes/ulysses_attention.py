@@ -47,6 +47,7 @@ def rewrite_attention(rewriter, node: fx.Node) -> None:
             if isinstance(args[tensor_name], fx.Node):
                 args[tensor_name] = rewriter.replicated(args[tensor_name], f"{name}: {reason}")
         new = rewriter._emit(node.target, args)
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
         rewriter.bind_replicated(node, new)
         rewriter.report.attention.append(f"{name}: replicated ({reason})")
 
