@@ -17,8 +17,6 @@ tiling, in fp16; the transformer in bf16) with the transformer replaced by the c
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 import common
@@ -96,26 +94,7 @@ def real_weights(args, setup: common.Setup) -> None:
                     generator=torch.Generator().manual_seed(args.seed),  # CPU: the same noise on every rank
                     callback_on_step_end=on_step).frames
 
-    start = time.perf_counter()
-    generate(2)  # compiles
-    setup.print(f"warm-up (compiles), 2 steps: {time.perf_counter() - start:.1f} s")
-    common.paracompile.reset_cache()
-    stamps = []
-
-    def on_step(pipeline, i, t, kwargs):
-        setup.synchronize()
-        stamps.append(time.perf_counter())
-        return kwargs
-
-    setup.synchronize()
-    start = time.perf_counter()
-    videos = generate(args.steps, on_step)
-    total = time.perf_counter() - start
-    steps_ms = [1000 * (b - a) for a, b in zip([start] + stamps[:-1], stamps)]
-    setup.print(f"{args.steps} steps in {total:.1f} s (with text encoding and VAE decode); "
-                f"per step: median {sorted(steps_ms)[len(steps_ms) // 2]:.1f} ms")
-    if args.threshold > 0:
-        setup.print(common.cache_summary())
+    videos = common.time_pipeline(generate, args, setup)
     if setup.rank == 0:
         for i, video in enumerate(videos):
             path = common.save_video(video, args.out / f"hunyuan_video_{i}", fps=15)
