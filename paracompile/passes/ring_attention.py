@@ -99,7 +99,7 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
     if isinstance(mask, fx.Node):
         full_mask = rewriter.replicated(mask, f"{name}: attention masks are sliced per ring step")
         mask_shape = view.shape(mask)
-        full_mask = _mask_to_query_heads(builder, full_mask, mask_shape, heads, ulysses)
+        full_mask = mask_to_query_heads(builder, full_mask, mask_shape, heads, ulysses)
         if len(mask_shape) >= 2 and not same_size(mask_shape[-2], 1):
             query_rows = _query_order(builder, full_mask, len(mask_shape) - 2, len(mask_shape), query_layout,
                                       sequence, my_ranks, ulysses_size)
@@ -247,13 +247,13 @@ def _query_order(builder, tensor, dim, ndim, layout, sequence, my_ranks, ulysses
                                      padded=ulysses_size > 1, ndim=ndim)
 
 
-def _mask_to_query_heads(builder, mask, mask_shape, heads, ulysses):
-    """With Ulysses inside, this rank attends only its group of heads: keep that group's mask heads."""
+def mask_to_query_heads(builder, mask, mask_shape, heads, ulysses):
+    """Under Ulysses this rank attends only its group of heads: keep that group's heads of a full mask."""
     head_dim = len(mask_shape) - 3
     if ulysses is None or head_dim < 0 or same_size(mask_shape[head_dim], 1):
         return mask
-    per_rank = heads // ulysses.size
-    return builder.narrow(mask, head_dim, per_rank * ulysses.rank, per_rank)
+    per_rank = heads // ulysses.size if isinstance(heads, int) else builder.floordiv(builder.size(heads), ulysses.size)
+    return builder.narrow(mask, head_dim, builder.mul(per_rank, ulysses.rank), per_rank)
 
 
 def _additive(builder, mask, mask_dtype, dtype):

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from paracompile import collectives
 from paracompile.explain import describe_node
-from paracompile.passes.ring_attention import ring_attention
+from paracompile.passes.ring_attention import mask_to_query_heads, ring_attention
 from paracompile.passes.sharding_rules import OpView
 from paracompile.passes.token_layout import known_divisible, same_size
 
@@ -129,10 +129,7 @@ def _ulysses(rewriter, node, view, layouts, heads, key_heads) -> None:
         local_mask = rewriter.replicated(mask, f"{name}: attention masks are applied over all tokens")
         mask_needs_query_order = len(mask_shape) >= 2 and not same_size(mask_shape[-2], 1)
         mask_needs_key_order = len(mask_shape) >= 1 and not same_size(mask_shape[-1], 1)
-        mask_head_dim = len(mask_shape) - 3
-        if mask_head_dim >= 0 and not same_size(mask_shape[mask_head_dim], 1):
-            per_rank = heads // group.size if isinstance(heads, int) else builder.floordiv(builder.size(heads), group.size)
-            local_mask = builder.narrow(local_mask, mask_head_dim, builder.mul(per_rank, group.rank), per_rank)
+        local_mask = mask_to_query_heads(builder, local_mask, mask_shape, heads, group)
 
     query_local = rewriter.sharded(view["query"], query_layout, name)
     key_local = rewriter.sharded(view["key"], key_layout, name)
