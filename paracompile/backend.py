@@ -19,8 +19,9 @@ from paracompile.mesh import resolve_auto, resolve_mesh
 from paracompile.options import Options, parse_options
 from paracompile.passes.shard_batch import shard_batch
 from paracompile.passes.shard_tokens import attention_nodes, self_attention_head_counts, shard_tokens
-from paracompile.passes.trace_to_aten import check_fixed_scalars, trace_to_aten
+from paracompile.passes.trace_to_aten import trace_to_aten
 from paracompile.passes.ulysses_attention import rewrite_attention
+from paracompile.runtime import InputCheck, guarded
 
 logger = logging.getLogger("paracompile")
 
@@ -33,13 +34,21 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
     parsed = parse_options(options)
     plan = resolve_mesh(parsed.mesh)
     if plan.world_size == 1:
-        return compile_graph(gm, example_inputs, parsed)
+        if parsed.threshold == 0:
+            return compile_graph(gm, example_inputs, parsed)  # plain Inductor: exact gradients included
+        with torch.no_grad():
+            compiled = compile_graph(gm, example_inputs, parsed)
+        return guarded(compiled, _NO_BACKWARD_WITH_CACHE)
 
-    aten_graph, fixed_scalars = trace_to_aten(gm, example_inputs)
+    aten_graph = trace_to_aten(gm, example_inputs)
+    check = InputCheck([node.target for node in aten_graph.graph.nodes if node.op == "placeholder"],
+                       example_inputs, parsed.check_inputs)
+    no_backward = _NO_BACKWARD_ON_MESH.format(world=plan.world_size)
     if not attention_nodes(aten_graph.graph):
         warnings.warn("paracompile: the graph has no scaled_dot_product_attention; nothing to parallelise, "
                       "compiling it replicated on every rank", stacklevel=2)
-        return check_fixed_scalars(compile_graph(aten_graph, example_inputs, parsed), fixed_scalars)
+        with torch.no_grad():
+            return guarded(compile_graph(aten_graph, example_inputs, parsed), no_backward, check)
 
     plan = resolve_auto(plan, self_attention_head_counts(aten_graph.graph))
     report = Report(world=plan.describe())
@@ -61,7 +70,19 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
     rewritten_graphs.append(sharded)
     if parsed.explain:
         report.emit()
-    return check_fixed_scalars(compile_graph(sharded, example_inputs, parsed), fixed_scalars)
+    # Compiled for inference: the graph runs without autograd history (see runtime.guarded).
+    with torch.no_grad():
+        return guarded(compile_graph(sharded, example_inputs, parsed), no_backward, check)
+
+
+_NO_BACKWARD_ON_MESH = (
+    "paracompile: backward through a graph compiled for {world} ranks is not supported yet: the gradients "
+    "would not be exact (each rank holds only its token shard's share). Run inference under torch.no_grad() "
+    "or torch.inference_mode(); to train, compile without a process group (one rank: plain Inductor, exact "
+    "gradients)")
+_NO_BACKWARD_WITH_CACHE = (
+    "paracompile: backward through First Block Cache (threshold > 0) is not supported: a skipped step reuses "
+    "residuals of an earlier call. Set threshold to 0 to train")
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) -> Callable:

@@ -7,22 +7,29 @@ One `FirstBlockCache` wraps the three compiled parts of one graph (passes/first_
    generation (all slots cleared, this call misses). The same timestep as the previous call means another
    call of the same step (cond and uncond called separately): the next slot. A lower timestep: the next
    step, slot 0.
-3. The decision: diff = sum|r - r_prev| / sum|r_prev| over the global tensor (the two sums are all-reduced
-   over the world, so every rank gets the same numbers and takes the same branch). A hit when
-   diff < threshold; forced misses: a new generation, an empty slot, a slot filled at other input shapes,
-   the first `fbcache_warmup` calls of the slot, or `fbcache_max_hits` hits in a row.
+3. The decision: diff = sum|r - r_prev| / sum|r_prev| over the global tensor. A hit when diff < threshold;
+   forced misses: a new generation, an empty slot, a slot filled at other input shapes, the first
+   `fbcache_warmup` calls of the slot, or `fbcache_max_hits` hits in a row.
 4. A hit adds each stream's cached residual to its value after block 0; a miss runs the rest of the region
    and stores, per stream, residual = (region output) - (value after block 0), and r_prev = r.
 5. tail: everything after the region.
 
-Host syncs: one per call at most. With the timestep on the device, the sums for both slots the call can
-land in are computed before the timestep is read, and the timestep and sums come back in one transfer.
+Every rank takes the same branch. On every call (hit or forced miss alike, so the ranks always make the
+same collective calls) each rank contributes one row of numbers, and one all-gather gives every rank the
+same table: its sums per candidate slot, whether it may hit there, its timestep, a hash of its plan, and
+whether `reset_cache()` was called on it since its last call. Every rank then decides from that one table:
+a reset on any rank resets the cache on every rank, before this call's decision; differing timesteps
+raise on every rank; differing plans turn the cache off on every rank; a hit needs every rank's slot to be
+ready and the summed diff under the threshold.
+
+Host syncs: one per call. With the timestep on the device, the sums for both slots the call can land in
+are computed before the timestep is read, and the table (timestep included) comes back in one transfer.
 
 State belongs to the model, not to a compiled graph: Dynamo serves two instances of one class with one graph
-(their weights are inputs), and may recompile a graph on one rank only (a guard on a rank's local size). So
-the state is looked up per call by (the graph's code frame, the plan, the options, the address of the
-model's first weight): a recompiled graph continues its model's generations and slots, and every rank keeps
-making the same collective calls.
+(their weights are inputs), and may recompile a graph on one rank only (a guard on a rank's local size) or
+on all ranks (a new resolution). So the state is looked up per call by the model's first weight (the tensor
+object) and (the block loop, the cache options): a recompiled graph continues its model's generations,
+slots and statistics, and every rank keeps making the same collective calls.
 """
 from __future__ import annotations
 
@@ -36,15 +43,24 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-_states: dict = {}  # state key -> CacheState
+from paracompile.runtime import IdentityWeakMap, RanksDisagreeError
+
+# Per model, by its first weight (the tensor object, held weakly: a new model never inherits a freed one's
+# state through a reused address), then by state key: CacheState.
+_states = IdentityWeakMap()
+_states_without_weight: dict = {}
 _generations: deque = deque(maxlen=4096)  # one dict per generation, oldest first
 _model_numbers = itertools.count()
+# reset_cache() calls so far; a model's state catches up (on every rank together) at its next call.
+_resets = [0]
 
 
 def reset_cache() -> None:
     """Forgets every cached residual and the statistics: the next call of every compiled model misses and
-    starts a new generation."""
-    _states.clear()
+    starts a new generation. Under a mesh, calling it on one rank is enough: the next call resets the cache
+    on every rank together (the decision's all-gather carries it), so calling it on a subset of ranks, or
+    on all of them, is the same."""
+    _resets[0] += 1
     _generations.clear()
 
 
@@ -65,11 +81,9 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def plan_check(signature: str) -> tuple[float, float]:
-    """(h, h * h) for a small hash h of the plan: summed over n ranks they equal (n h, n h * h) on every rank
-    only if all ranks have the same h (equality in Cauchy-Schwarz), and stay exact in float32."""
-    value = float(zlib.crc32(signature.encode()) % 251 + 1)
-    return value, value * value
+def plan_hash(signature: str) -> float:
+    """A hash of the plan, exact in float64."""
+    return float(zlib.crc32(signature.encode()))
 
 
 @dataclass
@@ -92,6 +106,22 @@ class CacheState:
         self.generation: Optional[dict] = None
         self.generation_count = 0
         self.disabled = False  # the ranks planned different caches: every call runs the whole region
+        # A state made on one rank only (after a rank-local torch._dynamo.reset(), say) would not match the
+        # other ranks' states: its first call asks every rank to reset, which brings them in step.
+        self.resets_seen = -1
+
+    def reset(self) -> None:
+        self.slots.clear()
+        self.last_timestep = None
+        self.position = 0
+        self.generation = None
+        self.resets_seen = _resets[0]
+
+
+# The columns of one rank's row in the decision's table.
+_RESET, _PLAN, _HAS_TIMESTEP, _TIMESTEP = 0, 1, 2, 3
+_CANDIDATES = 4  # then, per candidate slot (2): may hit, sum|r - r_prev|, sum|r_prev|
+_ROW = _CANDIDATES + 2 * 3
 
 
 class FirstBlockCache:
@@ -111,7 +141,7 @@ class FirstBlockCache:
         self.data_inputs = data_inputs
         self.weight_input = weight_input
         self.state_key = state_key
-        self.check = plan_check(signature)
+        self.plan = plan_hash(signature)
         self.description = description
         self.world_size = _world_size()
         # CUDA graphs reuse their output buffers on the next replay: what the cache keeps must be copied.
@@ -119,18 +149,21 @@ class FirstBlockCache:
 
     def _state(self, args) -> CacheState:
         weight = args[self.weight_input] if self.weight_input is not None else None
-        key = self.state_key + ((weight.device, weight.data_ptr()) if isinstance(weight, torch.Tensor) else (None,),)
-        state = _states.get(key)
+        states = _states.setdefault(weight, {}) if isinstance(weight, torch.Tensor) else _states_without_weight
+        state = states.get(self.state_key)
         if state is None:
-            state = _states[key] = CacheState()
+            state = states[self.state_key] = CacheState()
         return state
 
     def __call__(self, *args):
         head_outputs = self.head(*args)
         residual = head_outputs[0]
         starts = [head_outputs[1 + i] for i in range(self.stream_count)]
-        shape_key = tuple((tuple(args[i].shape), args[i].dtype) if isinstance(args[i], torch.Tensor) else args[i]
-                          for i in self.data_inputs)
+        # The shapes of the call's tensors: graph-independent (a recompiled graph may take extra size inputs,
+        # or a float as a 0-d tensor where the last graph had it as a constant), so a slot filled by one
+        # graph of the model serves the next at the same shapes.
+        shape_key = tuple((tuple(args[i].shape), args[i].dtype) for i in self.data_inputs
+                          if isinstance(args[i], torch.Tensor) and args[i].dim() > 0)
         state = self._state(args)
         position, hit = self._decide(state, args, residual, shape_key)
         slot = state.slots.get(position)
@@ -153,53 +186,109 @@ class FirstBlockCache:
 
     # ------------------------------------------------------------------------------------------------
     def _decide(self, state: CacheState, args, residual: torch.Tensor, shape_key: tuple) -> tuple[int, bool]:
-        """(slot position, hit) for this call; advances the generation and slot bookkeeping."""
+        """(slot position, hit) for this call, the same on every rank; advances the generation and slot
+        bookkeeping."""
         timestep = args[self.timestep_index] if self.timestep_index is not None else None
-        if timestep is None or reads_without_sync(timestep):
-            # Reading a CPU tensor does not wait for the device: pick the slot first, then at most one
-            # transfer for the decision.
-            value = float(timestep.reshape(-1)[0]) if timestep is not None else None
-            position = self._advance(state, value)
-            candidates = [position] if self._eligible(state, position, shape_key) else []
-            if not candidates:
-                return position, False
-            values = self._reduced_sums(state, residual, candidates).tolist()
+        on_host = timestep is None or reads_without_sync(timestep)
+        host_value = float(timestep.reshape(-1)[0]) if timestep is not None and on_host else None
+        if on_host:
+            # Reading a CPU tensor does not wait for the device: the slot is known before the sums (none when
+            # the call starts a generation, which misses).
+            position = self._position_after(state, host_value)
+            candidates = [] if position is None else [position]
         else:
             # The timestep lives on the device: the call lands in the next slot (same timestep as the last
-            # call) or in slot 0 (a lower one; a higher one starts a generation and misses). Compute the sums
-            # for both before reading the timestep, and read everything in one transfer.
-            candidates = [p for p in dict.fromkeys((state.position + 1, 0)) if self._eligible(state, p, shape_key)]
-            first = timestep.reshape(-1)[:1].to(torch.float64)
-            if candidates:
-                sums = self._reduced_sums(state, residual, candidates)
-                first = torch.cat([first, sums.to(device=first.device, dtype=torch.float64)])
-            everything = first.tolist()
-            position = self._advance(state, everything[0])
-            values = everything[1:]
-            if position not in candidates:
-                return position, False
-        if not self._plans_agree(state, values[-2:]):
-            return position, False
-        offset = 2 * candidates.index(position)
-        return position, self._is_hit(values[offset], values[offset + 1])
+            # call) or in slot 0 (a lower one; a higher one starts a generation and misses).
+            candidates = list(dict.fromkeys((state.position + 1, 0)))
+        table = self._table(state, timestep, host_value, residual, shape_key, candidates)
 
-    def _advance(self, state: CacheState, timestep: Optional[float]) -> int:
+        if any(row[_RESET] for row in table):
+            state.reset()  # on every rank, since every rank sees the same table
+        if self.world_size > 1 and len({row[_PLAN] for row in table}) > 1 and not state.disabled:
+            state.disabled = True
+            warnings.warn("paracompile: the ranks planned different First Block Caches for this model; the cache "
+                          "is off for it from now on (every call runs all blocks)", stacklevel=3)
+        timesteps = [row[_TIMESTEP] if row[_HAS_TIMESTEP] else None for row in table]
+        if len(set(timesteps)) > 1:
+            raise RanksDisagreeError(
+                f"paracompile: the ranks called the model with different timesteps "
+                f"({', '.join(f'rank {r}: {t}' for r, t in enumerate(timesteps))}); every rank must make the same "
+                "calls with the same inputs")
+        position, new_generation = self._advance(state, timesteps[0])
+        if new_generation or position not in candidates or any(row[_RESET] for row in table) or state.disabled:
+            return position, False
+        column = _CANDIDATES + 3 * candidates.index(position)
+        if not all(row[column] for row in table):
+            return position, False  # some rank's slot is not ready (warm-up, shapes, hits in a row)
+        different = sum(row[column + 1] for row in table)
+        total = sum(row[column + 2] for row in table)
+        return position, total > 0 and different / total < self.threshold
+
+    def _table(self, state, timestep, host_value, residual, shape_key, candidates) -> list[list[float]]:
+        """Every rank's row (see the columns above), the same on every rank; one host sync."""
+        device = residual.device
+        row = [float(state.resets_seen != _resets[0]), self.plan, float(timestep is not None),
+               0.0 if host_value is None else host_value]
+        sums = []
+        for position in candidates + [None] * (2 - len(candidates)):
+            eligible = position is not None and self._eligible(state, position, shape_key)
+            row.append(float(eligible))
+            if eligible:
+                previous = state.slots[position].r_prev
+                sums += [(residual - previous).abs().sum(dtype=torch.float32),
+                         previous.abs().sum(dtype=torch.float32)]
+            else:
+                sums += [residual.new_zeros((), dtype=torch.float32)] * 2
+        local = torch.tensor(row, dtype=torch.float64, device=device)
+        if timestep is not None and host_value is None:
+            local[_TIMESTEP] = timestep.reshape(-1)[0].to(torch.float64)
+        sums = torch.stack(sums).to(torch.float64)
+        # Interleave: [flags..., eligible_a, diff_a, total_a, eligible_b, diff_b, total_b].
+        per_candidate = torch.stack([local[_CANDIDATES:_CANDIDATES + 2], sums[0::2], sums[1::2]], dim=1).reshape(-1)
+        local = torch.cat([local[:_CANDIDATES], per_candidate])
+        if self.world_size == 1:
+            return [local.tolist()]
+        device = _collective_device()
+        gathered = torch.empty(self.world_size * _ROW, dtype=torch.float64, device=device)
+        dist.all_gather_into_tensor(gathered, local.to(device))
+        values = gathered.tolist()
+        return [values[r * _ROW:(r + 1) * _ROW] for r in range(self.world_size)]
+
+    def _position_after(self, state: CacheState, timestep: Optional[float]) -> Optional[int]:
+        """The slot a call with this timestep lands in (what `_advance` will return), without moving; None
+        when it starts a generation."""
+        if state.generation is None or state.resets_seen != _resets[0]:
+            return None
+        if timestep is None:
+            return state.position
+        if state.last_timestep is not None:
+            if timestep > state.last_timestep:
+                return None
+            if timestep == state.last_timestep:
+                return state.position + 1
+        return 0
+
+    def _advance(self, state: CacheState, timestep: Optional[float]) -> tuple[int, bool]:
+        """(the call's slot, whether it starts a generation)."""
         new_generation = state.generation is None
         if timestep is not None:
-            if state.last_timestep is None or timestep > state.last_timestep:
+            # A call after calls without a timestep (a graph in which Dynamo specialised a Python float into a
+            # constant) is the next step of the same generation.
+            if state.last_timestep is not None and timestep > state.last_timestep:
                 new_generation = True
                 state.position = 0
-            elif timestep == state.last_timestep:
+            elif state.last_timestep is not None and timestep == state.last_timestep:
                 state.position += 1
             else:
                 state.position = 0
             state.last_timestep = timestep
         if new_generation:
+            state.position = 0
             state.slots.clear()
             state.generation = dict(model=state.number, generation=state.generation_count, hits=0, misses=0)
             state.generation_count += 1
             _generations.append(state.generation)
-        return state.position
+        return state.position, new_generation
 
     def _eligible(self, state: CacheState, position: int, shape_key: tuple) -> bool:
         """Whether a call landing in this slot may hit (otherwise it is a forced miss and needs no sums)."""
@@ -208,35 +297,6 @@ class FirstBlockCache:
         slot = state.slots.get(position)
         return (slot is not None and slot.shape_key == shape_key and slot.r_prev is not None
                 and slot.calls >= self.warmup and (self.max_hits is None or slot.hits_in_row < self.max_hits))
-
-    def _reduced_sums(self, state: CacheState, residual: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        """[sum|r - r_prev|, sum|r_prev|] per candidate slot, then the plan check, summed over all ranks: each
-        rank holds its shard of the hidden stream (or a copy of it), and a ratio of sums does not change when
-        every piece is counted the same number of times."""
-        parts = []
-        for position in positions:
-            previous = state.slots[position].r_prev
-            parts.append((residual - previous).abs().sum(dtype=torch.float32))
-            parts.append(previous.abs().sum(dtype=torch.float32))
-        sums = torch.stack(parts)
-        if self.world_size > 1:
-            sums = torch.cat([sums, sums.new_tensor(self.check)])
-            dist.all_reduce(sums)
-        return sums
-
-    def _plans_agree(self, state: CacheState, check: list[float]) -> bool:
-        if self.world_size == 1:
-            return True
-        value, square = self.check
-        if check == [self.world_size * value, self.world_size * square]:
-            return True
-        state.disabled = True  # every rank sees the same sums, so every rank turns the cache off here
-        warnings.warn("paracompile: the ranks planned different First Block Caches for this model; the cache "
-                      "is off for it from now on (every call runs all blocks)", stacklevel=3)
-        return False
-
-    def _is_hit(self, different: float, total: float) -> bool:
-        return total > 0 and different / total < self.threshold
 
 
 def reads_without_sync(tensor: torch.Tensor) -> bool:

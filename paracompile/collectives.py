@@ -191,6 +191,35 @@ def gather(builder: GraphBuilder, tensor: fx.Node, ndim: int, layout: TokenLayou
     return builder.call(aten.movedim.int, ordered, 0, layout.dim) if layout.dim != 0 else ordered
 
 
+def physical_order(shape, strides) -> list[int]:
+    """The dims from outermost to innermost in memory (stride descending), size-1 dims left out: their stride
+    says nothing about the layout. Symbolic sizes compare by their hints (this only decides a layout)."""
+    def hint(value):
+        if isinstance(value, torch.SymInt):
+            return value.node.hint if value.node.hint is not None else 1
+        return int(value)
+
+    dims = [d for d in range(len(shape)) if hint(shape[d]) != 1]
+    return sorted(dims, key=lambda d: (-hint(strides[d]), d))
+
+
+def with_layout_of(builder: GraphBuilder, tensor: fx.Node, outermost_dim: int, original: torch.Tensor) -> fx.Node:
+    """A gathered tensor (contiguous with `outermost_dim` moved to the front) with the memory layout the
+    original graph's tensor has: the same dims in the same order in memory. Dense with that order, its
+    strides are eager's, so a later `view` works as it does in eager and graph outputs keep their strides."""
+    ndim = original.dim()
+    want = physical_order(original.shape, original.stride())
+    have = [d for d in [outermost_dim] + list(range(ndim)) if d in want]
+    have = list(dict.fromkeys(have))
+    if have == want:
+        return tensor
+    order = want + [d for d in range(ndim) if d not in want]  # size-1 dims anywhere
+    inverse = [order.index(d) for d in range(ndim)]
+    permuted = builder.call(aten.permute.default, tensor, order)
+    dense = builder.call(aten.clone.default, permuted, memory_format=torch.contiguous_format)
+    return builder.call(aten.permute.default, dense, inverse)
+
+
 def send_to_next_rank(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo) -> fx.Node:
     """Starts passing `tensor` one step round the ring (rank i sends to i + 1 and receives from i - 1).
     Returns the collective's pending result: `wait_tensor` it later, after the compute it should overlap.

@@ -6,6 +6,8 @@ from typing import Any, Optional
 
 MESH_DIM_NAMES = ("batch", "ring", "ulysses")
 COMPILERS = ("inductor", "eager")
+# When the ranks compare their inputs (paracompile/runtime.py): the first call of each model, every call, never.
+CHECK_INPUT_MODES = ("first", "always", "off")
 
 
 @dataclass
@@ -20,7 +22,8 @@ class Options:
     explain: bool = False
     fbcache_warmup: int = 0
     fbcache_max_hits: Optional[int] = None
-    timestep_arg: str = "timestep"
+    timestep_arg: Optional[str] = "timestep"
+    check_inputs: str = "first"
 
 
 _TYPES = {
@@ -31,7 +34,8 @@ _TYPES = {
     "explain": (bool,),
     "fbcache_warmup": (int,),
     "fbcache_max_hits": (int, type(None)),
-    "timestep_arg": (str,),
+    "timestep_arg": (str, type(None)),
+    "check_inputs": (str,),
 }
 
 
@@ -55,6 +59,10 @@ def parse_options(raw: Optional[dict]) -> Options:
         raise ValueError(f"paracompile: option 'fbcache_warmup' must be >= 0, got {options.fbcache_warmup!r}")
     if options.fbcache_max_hits is not None and options.fbcache_max_hits < 1:
         raise ValueError(f"paracompile: option 'fbcache_max_hits' must be >= 1 or None, got {options.fbcache_max_hits!r}")
-    if not options.timestep_arg.isidentifier():
-        raise ValueError(f"paracompile: option 'timestep_arg' must name a forward argument, got {options.timestep_arg!r}")
+    if options.timestep_arg is not None and not options.timestep_arg.isidentifier():
+        raise ValueError(f"paracompile: option 'timestep_arg' must name a forward argument (or be None), got "
+                         f"{options.timestep_arg!r}")
+    if options.check_inputs not in CHECK_INPUT_MODES:
+        raise ValueError(f"paracompile: option 'check_inputs' must be one of {list(CHECK_INPUT_MODES)}, got "
+                         f"{options.check_inputs!r}")
     return options

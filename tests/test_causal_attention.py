@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from tests.multiprocess import run_on_ranks
 
+pytestmark = pytest.mark.slow  # every test here spawns process groups
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, width=16, heads=4):

@@ -25,6 +25,8 @@ from tests.conftest import (assert_attention_split, assert_ranks_match, run_comp
                             without_callables)
 from tests.multiprocess import run_on_ranks
 
+pytestmark = pytest.mark.slow  # every test here spawns process groups
+
 MODEL_NAMES = ["flux", "sd3", "wan_t2v", "wan_i2v", "hunyuan_video", "cogvideox", "mochi", "ltx_video",
                "qwen_image", "pixart"]
 # Self-attention outside Dynamo's graph (see the module docstring): correctness only.

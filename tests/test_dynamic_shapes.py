@@ -14,6 +14,8 @@ from tests.conftest import (assert_attention_split, assert_ranks_match, report_i
 from tests.multiprocess import run_on_ranks
 from tests.toy_dit import ToyDiT, toy_inputs
 
+pytestmark = pytest.mark.slow  # every test here spawns process groups
+
 DEFAULT = dict()  # 8x8 latents: 16 image tokens, 6 text tokens
 OTHER = dict(height=8, width=12)  # 24 image tokens
 THIRD = dict(height=10, width=14, text_length=7)  # 35 image + 7 text tokens: uneven for 2 and 4 ranks

@@ -14,6 +14,8 @@ from tests.conftest import assert_ranks_match, run_compiled_vs_eager, without_ca
 from tests.multiprocess import run_on_ranks
 from tests.toy_dit import ToyDiT, toy_inputs
 
+pytestmark = pytest.mark.slow  # every test here spawns process groups
+
 UNEVEN = dict(height=10, width=14, text_length=7)  # 35 image + 7 text tokens: 2 and 4 divide neither
 
 # name -> (world size, mesh, toy inputs, what the report must say about self-attention)

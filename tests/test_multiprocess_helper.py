@@ -13,6 +13,8 @@ import torch.distributed as dist
 
 from tests.multiprocess import RankFailure, run_on_ranks
 
+pytestmark = pytest.mark.slow  # every test here spawns process groups
+
 
 def _all_reduce_rank_plus_one(rank, world_size):
     value = torch.tensor([float(rank + 1)], requires_grad=False)

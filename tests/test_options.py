@@ -270,6 +270,7 @@ def _errors(two_ranks, name):
     return values
 
 
+@pytest.mark.slow
 def test_mesh_product_must_equal_world_size(two_ranks):
     for error in _errors(two_ranks, "mesh_product_mismatch"):
         assert error is not None, "mesh {'ulysses': 3} on 2 ranks compiled"
@@ -277,6 +278,7 @@ def test_mesh_product_must_equal_world_size(two_ranks):
         assert "multiply to 3, but the world size is 2" in error["message"]
 
 
+@pytest.mark.slow
 def test_batch_the_degree_does_not_divide_is_an_error(two_ranks):
     for error in _errors(two_ranks, "batch_not_divisible"):
         assert error is not None, "mesh {'batch': 2} with batch 1 compiled"
@@ -285,6 +287,7 @@ def test_batch_the_degree_does_not_divide_is_an_error(two_ranks):
         assert "scaled_dot_product_attention" in error["message"]
 
 
+@pytest.mark.slow
 def test_device_mesh_with_a_ring_dim(two_ranks):
     results = _errors(two_ranks, "device_mesh_ring")
     assert_ranks_match(results, "DeviceMesh ('ring',)")
@@ -292,12 +295,14 @@ def test_device_mesh_with_a_ring_dim(two_ranks):
         assert "ring over 2 ranks" in result["explanations"][0]
 
 
+@pytest.mark.slow
 def test_device_mesh_with_unknown_dim_name(two_ranks):
     for error in _errors(two_ranks, "device_mesh_bad_dim_name"):
         assert error is not None and error["inner_is_value_error"], error
         assert "DeviceMesh's dims must be named among" in error["message"] and "tp" in error["message"]
 
 
+@pytest.mark.slow
 def test_explicit_ulysses_degree_must_divide_heads(two_ranks):
     for error in _errors(two_ranks, "explicit_ulysses_three_heads"):
         assert error is not None, "explicit {'ulysses': 2} with 3 heads compiled"
@@ -307,6 +312,7 @@ def test_explicit_ulysses_degree_must_divide_heads(two_ranks):
         assert "has 3 attention heads, which the Ulysses degree 2 does not divide" in error["message"]
 
 
+@pytest.mark.slow
 def test_auto_mesh_picks_ring_when_heads_do_not_divide(two_ranks):
     results = _errors(two_ranks, "auto_three_heads")
     assert_ranks_match(results, "3 heads, mesh auto")
@@ -316,6 +322,7 @@ def test_auto_mesh_picks_ring_when_heads_do_not_divide(two_ranks):
         assert "ring over 2 ranks" in report and "replicated" not in report, report
 
 
+@pytest.mark.slow
 def test_model_without_attention_warns_and_matches(two_ranks):
     results = _errors(two_ranks, "no_attention")
     assert_ranks_match(results, "model without attention")
@@ -328,6 +335,7 @@ def test_model_without_attention_warns_and_matches(two_ranks):
         assert result["explanations"] == [] and result["graphs"] == []  # nothing rewritten
 
 
+@pytest.mark.slow
 def test_explain_logs_the_report(two_ranks):
     for value in _errors(two_ranks, "explain"):
         loud, quiet = value["loud"], value["quiet"]
@@ -341,6 +349,7 @@ def test_explain_logs_the_report(two_ranks):
         assert "paracompile: world size" not in value["quiet_output"]
 
 
+@pytest.mark.slow
 def test_explain_prints_even_when_the_application_configured_logging(two_ranks):
     for value in _errors(two_ranks, "explain_with_app_logging"):
         assert value["result"]["error"] is None, value["result"]["error"]

@@ -102,11 +102,13 @@ def _results(request, world_size):
     return request.getfixturevalue(f"toy_ws{world_size}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(**_cases())
 def test_output_matches_eager(request, world_size, name):
     assert_ranks_match(_results(request, world_size)[name], name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(**_cases(expect="ulysses"))
 def test_self_attention_uses_ulysses(request, world_size, name):
     for rank, result in enumerate(_results(request, world_size)[name]):
@@ -121,6 +123,7 @@ def test_self_attention_uses_ulysses(request, world_size, name):
         assert sum(f"ulysses over {world_size} ranks" in line for line in attention_lines) >= 2, report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(**_cases(expect="ulysses"))
 def test_attention_runs_on_a_fraction_of_the_work(request, world_size, name):
     for result in _results(request, world_size)[name]:
@@ -128,6 +131,7 @@ def test_attention_runs_on_a_fraction_of_the_work(request, world_size, name):
         assert_attention_split(result["eager_calls"], result["local_calls"], world_size)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", WORLD_SIZES, ids=lambda ws: f"ws{ws}")
 def test_head_count_not_divisible_picks_ring_with_auto(request, world_size):
     for rank, result in enumerate(_results(request, world_size)["three_heads_auto"]):
@@ -147,6 +151,7 @@ def test_head_count_not_divisible_picks_ring_with_auto(request, world_size):
 # World size 1: no process group, paracompile is plain Inductor.
 
 
+@pytest.mark.slow
 def test_world_size_one_inductor_matches_eager():
     import paracompile.backend as backend
     import torch.distributed as dist

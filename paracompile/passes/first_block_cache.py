@@ -27,7 +27,6 @@ made the same plan, and turns the cache off if not.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import operator
@@ -316,7 +315,7 @@ class CachePlan:
         """The structural choices, in words that are the same on every rank when the choices are."""
         streams = ";".join(f"{_where(s.start)}>{_where(s.end)}" for s in self.streams)
         return (f"{self.region.describe_lists()}|{streams}|{self.hidden}|{_where(self.hidden_input)}|"
-                f"{len(self.moved_to_head)}|{self.timestep_index}")
+                f"{len(self.moved_to_head)}|{self.timestep_name}")
 
 
 def _where(node: fx.Node) -> str:
@@ -507,9 +506,11 @@ def _written_arguments(node: fx.Node) -> list[fx.Node]:
     return written
 
 
-def _find_timestep(nodes: list[fx.Node], name: str) -> tuple[Optional[int], Optional[str]]:
+def _find_timestep(nodes: list[fx.Node], name: Optional[str]) -> tuple[Optional[int], Optional[str]]:
     """Dynamo names the placeholder of a forward argument `timestep` `L_timestep_`, or `L_kwargs_timestep_`
     when the forward takes **kwargs (diffusers' decorated forwards)."""
+    if name is None:
+        return None, None
     pattern = re.compile(rf"^L_(?:kwargs_)?{re.escape(name)}_$")
     placeholders = [node for node in nodes if node.op == "placeholder"]
     for index, node in enumerate(placeholders):
@@ -665,9 +666,12 @@ def describe_plan(plan: CachePlan, options: Options) -> list[str]:
     if plan.moved_to_head:
         lines.append(f"  moved before the region (the code after it reads them, they need no block): "
                      f"{len(plan.moved_to_head)} nodes")
-    if plan.timestep_name is None:
-        lines.append("  timestep: not found among the inputs; generations are not detected, call "
+    if options.timestep_arg is None:
+        lines.append("  timestep: none (timestep_arg=None); generations are not detected, call "
                      "paracompile.reset_cache() between them")
+    elif plan.timestep_name is None:
+        lines.append(f"  timestep: {options.timestep_arg} is a constant of this graph (Dynamo specialised it); "
+                     "a call with another value compiles a graph that takes it as an input")
     else:
         lines.append(f"  timestep: input {plan.timestep_name} (a larger value than the last call's starts a generation)")
     return lines
@@ -683,16 +687,17 @@ def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, opt
     without it (and with a warning) when the graph has no block loop to cache."""
     import paracompile.backend as backend
     from paracompile.cache import FirstBlockCache
-    from paracompile.passes.trace_to_aten import check_fixed_scalars, trace_to_aten
+    from paracompile.passes.fake_propagation import propagate_fake_values
+    from paracompile.passes.trace_to_aten import trace_to_aten
 
     plain_options = dataclasses.replace(options, threshold=0.0)
-    fixed_scalars: list = []
     if not _is_aten_graph(gm):
-        gm, fixed_scalars = trace_to_aten(gm, example_inputs)
+        gm = trace_to_aten(gm, example_inputs)
     # Inductor compiles the parts from these shapes, so the guards the propagation needs must hold; the
     # eager compiler runs real tensors, and a guard on this rank's local size would only make the ranks
     # recompile at different times.
-    _propagate_shapes(gm, keep_guards=options.compiler != "eager")
+    if not all("val" in node.meta for node in gm.graph.nodes if node.op != "output"):
+        propagate_fake_values(gm, keep_guards=options.compiler != "eager")
 
     try:
         plan = plan_cache(gm, options.timestep_arg)
@@ -700,8 +705,9 @@ def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, opt
         warnings.warn(f"paracompile: threshold {options.threshold:g} but no First Block Cache for this graph: "
                       f"{error}; compiling it without the cache", stacklevel=2)
         backend.explanations.append(f"first block cache: off ({error})")
-        return check_fixed_scalars(compile_graph(gm, example_inputs, plain_options), fixed_scalars)
+        return compile_graph(gm, example_inputs, plain_options)
 
+    _check_timestep_found(plan, options, gm)
     split = split_graph(gm, plan)
     report = "\n".join(describe_plan(plan, options))
     backend.explanations.append(report)
@@ -712,34 +718,56 @@ def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, opt
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     # Inputs named after the module's state are its weights; the others are the call's data.
     weights = [i for i, node in enumerate(placeholders) if str(node.target).startswith("L_self_")]
-    data_inputs = [i for i in range(len(placeholders)) if i not in weights]
-    compile_id = torch._guards.CompileContext.current_compile_id()
-    frame = compile_id.frame_id if compile_id is not None else None
+    # By name, in a fixed order: every graph of the model lists the same tensors, whatever else it takes.
+    data_inputs = sorted((i for i in range(len(placeholders)) if i not in weights),
+                         key=lambda i: str(placeholders[i].target))
     signature = plan.signature()
-    state_key = (frame, signature, options.threshold, options.fbcache_warmup, options.fbcache_max_hits)
+    # The model's state is found by its first weight (the runtime's lookup) and this key: the block loop and
+    # the cache options, the same for every graph Dynamo compiles of the model's forward.
+    state_key = (plan.region.describe_lists(), options.threshold, options.fbcache_warmup, options.fbcache_max_hits)
     cache = FirstBlockCache(parts[HEAD], parts[REST], parts[TAIL], split, options, plan.timestep_index,
                             data_inputs, weights[0] if weights else None, state_key, signature, description=report)
-    return check_fixed_scalars(cache, fixed_scalars)
+    return cache
+
+
+def _frame_arguments() -> list[str]:
+    """The arguments of the compiled frame that Dynamo guards on (`L['timestep']`, `L['kwargs']['sigma']`):
+    its inputs, also those it specialised into constants."""
+    context = torch._guards.TracingContext.try_get()
+    if context is None:
+        return []
+    names = []
+    for guard in context.guards_context.dynamo_guards:
+        match = re.fullmatch(r"L\['(\w+)'\](?:\['(\w+)'\])?", guard.name)
+        if match is None:
+            continue
+        name = match.group(2) if match.group(1) == "kwargs" else (None if match.group(2) else match.group(1))
+        if name is not None and name not in ("self", "kwargs") and name not in names:
+            names.append(name)
+    return sorted(names)
+
+
+def _check_timestep_found(plan: CachePlan, options: Options, gm: fx.GraphModule) -> None:
+    """A `timestep_arg` that names no input would merge every generation into one, so residuals would leak
+    from one image into the next: an error, naming the inputs it could be. An argument Dynamo specialised
+    into a constant (a Python float on its first call) is no input of this graph, but exists."""
+    if options.timestep_arg is None or plan.timestep_name is not None:
+        return
+    arguments = _frame_arguments()
+    if options.timestep_arg in arguments:
+        return
+    from paracompile.runtime import readable_input_name
+
+    inputs = [readable_input_name(node.target) for node in gm.graph.nodes
+              if node.op == "placeholder" and not str(node.target).startswith("L_self_")]
+    candidates = sorted(set(arguments) | {name for name in inputs if name.isidentifier()})
+    raise ValueError(
+        f"paracompile: option 'timestep_arg' is {options.timestep_arg!r}, but the compiled graph has no input of "
+        f"that name; its inputs are {candidates}. Set 'timestep_arg' to the forward argument that carries the "
+        "denoising timestep (First Block Cache starts a new generation when it rises), or to None and call "
+        "paracompile.reset_cache() between generations")
 
 
 def _is_aten_graph(gm: fx.GraphModule) -> bool:
     """Dynamo's graph describes its inputs with `example_value`; traced aten graphs with `val`."""
     return all("val" in node.meta for node in gm.graph.nodes if node.op == "placeholder")
-
-
-def _propagate_shapes(gm: fx.GraphModule, keep_guards: bool) -> None:
-    """Nodes the sharding passes created have no `meta["val"]`; fake-propagate to get this rank's shapes."""
-    if all("val" in node.meta for node in gm.graph.nodes if node.op not in ("output",)):
-        return
-    from torch._dispatch.python import enable_python_dispatcher
-    from torch._guards import detect_fake_mode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    values = [node.meta["val"] for node in gm.graph.nodes if node.op == "placeholder"]
-    # The Python dispatcher gives ops with symbolic size arguments (constant_pad_nd by a SymInt, say) their
-    # Python meta functions; their C++ ones accept only concrete sizes.
-    fake_mode = detect_fake_mode(values)
-    shape_env = fake_mode.shape_env
-    quiet = shape_env.suppress_guards() if shape_env is not None and not keep_guards else contextlib.nullcontext()
-    with enable_python_dispatcher(), quiet:
-        FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*values)

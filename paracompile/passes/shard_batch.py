@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from paracompile.collectives import ProcessGroupInfo
 from paracompile.explain import Report, describe_node
+from paracompile.passes.fake_propagation import propagate_fake_values
 from paracompile.passes.sharding_rules import OpView
 from paracompile.passes.shard_tokens import attention_nodes, find_axis_sources, shard_tokens
 from paracompile.passes.token_layout import known_divisible, same_size
@@ -42,7 +42,7 @@ def shard_batch(gm: fx.GraphModule, group: ProcessGroupInfo, report: Report) -> 
     sharded = shard_tokens(gm, group, report, batch_local_attention, demands=find_axis_sources(seeds))
     sharded.graph.eliminate_dead_code()
     sharded.recompile()
-    _propagate_fake_values(sharded)
+    propagate_fake_values(sharded)  # the token pass reads shapes from node.meta["val"]
     return sharded
 
 
@@ -72,11 +72,3 @@ def batch_local_attention(rewriter, node: fx.Node) -> None:
     new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
     rewriter.bind_sharded(node, new, layout)
     rewriter.report.attention.append(f"{name}: batch rows split over {rewriter.group.size} ranks")
-
-
-def _propagate_fake_values(gm: fx.GraphModule) -> None:
-    """The token pass reads shapes from node.meta["val"]: recompute them for the new graph."""
-    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-    values = [node.meta["val"] for node in placeholders]
-    fake_mode = torch._guards.detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
-    FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*values)

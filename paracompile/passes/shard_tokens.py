@@ -192,6 +192,8 @@ class TokenShardingRewriter:
         self.resplits: list[tuple[fx.Node, TokenLayout]] = []
         self.alias_root: dict[fx.Node, fx.Node] = {}
         self.alias_members: dict[fx.Node, list[fx.Node]] = {}
+        self.alias_parent: dict[fx.Node, fx.Node] = {}
+        self.true_views: set[fx.Node] = set()
 
     # Conversions between representations -------------------------------------------------------
     def replicated(self, node: fx.Node, reason: str) -> fx.Node:
@@ -199,7 +201,8 @@ class TokenShardingRewriter:
         if not isinstance(value, Value):
             return value
         if value.replicated is None:
-            value.replicated = collectives.gather(self.builder, value.sharded, value.ndim, value.layout, self.group)
+            gathered = collectives.gather(self.builder, value.sharded, value.ndim, value.layout, self.group)
+            value.replicated = collectives.with_layout_of(self.builder, gathered, value.layout.dim, node.meta["val"])
             self.report.gathers.append(f"{node.name}: {reason}")
         return value.replicated
 
@@ -320,6 +323,7 @@ class TokenShardingRewriter:
     def _call(self, node: fx.Node) -> None:
         if node.target is operator.getitem and isinstance(self.env.get(node.args[0]), list):
             self.env[node] = self.env[node.args[0]][node.args[1]]
+            self._track_alias(node)
             return
         result = node.meta.get("val")
         if not isinstance(result, torch.Tensor) and not _is_tensor_list(result):
@@ -331,15 +335,20 @@ class TokenShardingRewriter:
             rule = rule_for(node)
             sharding = rule(OpView(node, self.layout_of)) if rule is not None else None
             if sharding is not None:
+                if not self._writes_own_storage(node, sharding.inputs):
+                    self._write_into_full_tensor(node)
+                    return
                 self._emit_sharded(node, sharding)
                 return
             reason = self._why_not_local(node)
         else:
             reason = ""
-        written = self._check_in_place(node, {})
+        if not self._writes_own_storage(node, {}):
+            self._write_into_full_tensor(node)
+            return
         new = self._copy(node, lambda v: self._map_plain(v, reason))
-        self._forget_copies_of_aliases(written)
-        self._track_alias(node)
+        self._after_write(node)
+        self._track_alias(node, new)
         if isinstance(result, torch.Tensor):
             self.env[node] = Value(result.dim(), replicated=new)
             self._cut_if_demanded(node)
@@ -385,7 +394,6 @@ class TokenShardingRewriter:
                 args[name] = self._convert(value, required, reason)
             else:
                 args[name] = self._map_plain(value, reason)
-        written = self._check_in_place(node, {k: v for k, v in sharding.inputs.items() if not isinstance(v, list)})
         target = node.target
         if sharding.patch is not None:
             layout = _first_layout(sharding.inputs.values())
@@ -393,8 +401,8 @@ class TokenShardingRewriter:
             target = args.pop("__target__", target)
         new = self._emit(target, args)
         new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-        self._forget_copies_of_aliases(written)
-        self._track_alias(node)
+        self._after_write(node)
+        self._track_alias(node, new)
         if sharding.output is None:
             self.bind_replicated(node, new)
             self._cut_if_demanded(node)
@@ -425,39 +433,124 @@ class TokenShardingRewriter:
                 positional.append(args[argument.name])
         return self.graph.call_function(target, tuple(positional), keywords)
 
-    def _check_in_place(self, node: fx.Node, required: dict) -> list[fx.Node]:
-        """An op that writes into an argument must get that argument's own storage, not a gathered or
-        re-cut copy of it. Returns the written nodes."""
-        written = []
+    # In-place writes ---------------------------------------------------------------------------
+    # An in-place op must write into the storage that later readers of the tensor read: its alias root's
+    # own (native) representation, reached through views that were each applied to their input's own
+    # representation ("true views"). Anything else (a gathered or re-cut copy somewhere in the view chain)
+    # would lose the update, so such a write runs on the full tensor instead: the root's replicated
+    # storage (gathered first if the root lives sharded), the view chain replayed on it. Afterwards the
+    # root lives replicated, and every alias of it that is not a true view is rebuilt from it.
+
+    def _writes_own_storage(self, node: fx.Node, required: dict) -> bool:
+        """Whether every argument `node` writes into is a true view whose own representation is the one the
+        op is given (`required`: the layouts the op's rule asks for, by argument name; None: replicated)."""
         names = _written_arguments(node)
-        arguments = OpView(node, self.layout_of).args if names else {}
+        if not names:
+            return True
+        arguments = OpView(node, self.layout_of).args
         for name in names:
             target = arguments[name]
             if not is_tensor_node(target):
                 continue
             value = self.env[target]
             wanted = required.get(name)
+            if isinstance(wanted, list) or wanted is ANY:
+                return False
             own = (value.native == "replicated" and wanted is None) or (
                 value.native == "sharded" and wanted is not None and value.layout == wanted)
-            if not own:
-                raise NotImplementedError(
-                    f"paracompile: {describe_node(node)} writes in place into {target.name}, which is "
-                    f"{'token-sharded' if value.native == 'sharded' else 'replicated'} here while the write needs it "
-                    f"{'whole' if wanted is None else 'sharded'}; writing into a copy would lose the update"
-                )
-            written.append(target)
-        return written
+            if not own or not self._is_true_view(target):
+                return False
+        return True
 
-    def _forget_copies_of_aliases(self, written: list[fx.Node]) -> None:
+    def _is_true_view(self, node: fx.Node) -> bool:
+        return node not in self.alias_parent or node in self.true_views
+
+    def _native_node(self, node: fx.Node) -> Optional[fx.Node]:
+        value = self.env.get(node)
+        if not isinstance(value, Value):
+            return None
+        return value.sharded if value.native_sharded else value.replicated
+
+    def _write_into_full_tensor(self, node: fx.Node) -> None:
+        """Runs the in-place op `node` on the full tensor it writes into (see above)."""
+        written = [a for a in (OpView(node, self.layout_of).args[n] for n in _written_arguments(node)) if is_tensor_node(a)]
+        root = self.alias_root.get(written[0], written[0])
+        if any(self.alias_root.get(w, w) is not root for w in written[1:]):
+            raise NotImplementedError(f"paracompile: {describe_node(node)} writes into several tensors at once, and "
+                                      "they cannot all be kept exact on token shards")
+        reason = f"{describe_node(node)} writes in place into it through a view the shards cannot follow"
+        root_value = self.env[root]
+        storage = self.replicated(root, reason)
+        self.env[root] = Value(root_value.ndim, replicated=storage)
+        self.true_views.add(root)
+        rebuilt = self._rebuild_aliases(root, reason)
+        new = self._copy(node, lambda v: rebuilt.get(v) if isinstance(v, fx.Node) and v in rebuilt
+                         else self._map_plain(v, reason))
+        self.report.gathers.append(f"{node.name}: {reason}; written on the full {root.name} (no shards until "
+                                   "it is read sharded again)")
+        self._track_alias(node, new)
+        self.true_views.add(node)
+        result = node.meta["val"]
+        self.env[node] = Value(result.dim(), replicated=new) if isinstance(result, torch.Tensor) else new
+        self._after_write(node)
+
+    def _rebuild_aliases(self, root: fx.Node, reason: str, only_stale: bool = False) -> dict:
+        """Aliases of `root` recomputed from its full value by replaying their view ops (replicated), in the
+        order they were made; with `only_stale`, only those that are not true views. Returns old node ->
+        new node. A rebuilt alias is a true view when the full value is the root's own storage."""
+        rebuilt = {root: self.replicated(root, reason)}
+        true = {root: not self.env[root].native_sharded}
+        for member in self.alias_members.get(root, [root]):
+            if member is root or (only_stale and self._is_true_view(member)):
+                continue
+            parent = self.alias_parent[member]
+            if parent not in rebuilt:
+                rebuilt[parent] = self.replicated(parent, reason)
+                own = self._native_node(parent)
+                true[parent] = self._is_true_view(parent) and own is not None and own is rebuilt[parent]
+            base = rebuilt[parent]
+            if member.target is operator.getitem:
+                new = self.graph.call_function(operator.getitem, (base, member.args[1]))
+            elif _written_arguments(member):
+                new = base  # an in-place op's result is the tensor it wrote into
+            else:
+                new = self._copy(member, lambda v: base if v is parent else self._map_plain(v, reason))
+            rebuilt[member] = new
+            true[member] = true[parent]
+            result = member.meta["val"]
+            if isinstance(result, torch.Tensor):
+                self.env[member] = Value(result.dim(), replicated=new)
+            elif _is_tensor_list(result):
+                self.env[member] = [Value(t.dim(), replicated=self.graph.call_function(operator.getitem, (new, i)))
+                                    for i, t in enumerate(result)]
+            if true[member]:
+                self.true_views.add(member)
+            else:
+                self.true_views.discard(member)
+        return rebuilt
+
+    def _after_write(self, node: fx.Node) -> None:
+        """After `node` wrote into the storage of some alias root: copies of its aliases are stale, and
+        aliases that are not true views of the root are rebuilt from it."""
+        written = [a for a in (OpView(node, self.layout_of).args[n] for n in _written_arguments(node)) if is_tensor_node(a)]
         for target in written:
             root = self.alias_root.get(target, target)
             for member in self.alias_members.get(root, [root]):
                 value = self.env.get(member)
                 if isinstance(value, Value):
                     value.forget_copies()
+            if any(not self._is_true_view(m) for m in self.alias_members.get(root, [])):
+                self._rebuild_aliases(root, f"{describe_node(node)} wrote into {root.name}", only_stale=True)
 
-    def _track_alias(self, node: fx.Node) -> None:
-        """Ops whose output is a view of (or the same storage as) their first input share its alias root."""
+    def _track_alias(self, node: fx.Node, new: Optional[fx.Node] = None) -> None:
+        """Ops whose output is a view of (or the same storage as) their first input join its alias root.
+        The output is a true view when the input is one, the op read the input's own representation, and
+        the op is a view wherever it runs (not `reshape` or `contiguous`, which copy or not by layout)."""
+        if node.target is operator.getitem:
+            parent = node.args[0]
+            if parent in self.alias_root:
+                self._join(node, parent, self._is_true_view(parent))
+            return
         target = node.target
         if not isinstance(target, torch._ops.OpOverload) or not target._schema.returns:
             return
@@ -466,9 +559,30 @@ class TokenShardingRewriter:
         inputs = _tensor_inputs(node)
         if not inputs:
             return
-        root = self.alias_root.get(inputs[0], inputs[0])
+        parent = inputs[0]
+        native = self._native_node(parent)
+        true = (self._is_true_view(parent) and new is not None and native is not None
+                and native in new.all_input_nodes
+                and (target.overloadpacket in DEFINITE_VIEWS or bool(_written_arguments(node))))
+        self._join(node, parent, true)
+
+    def _join(self, node: fx.Node, parent: fx.Node, true: bool) -> None:
+        root = self.alias_root.get(parent, parent)
         self.alias_root[node] = root
+        self.alias_parent[node] = parent
         self.alias_members.setdefault(root, [root]).append(node)
+        if true:
+            self.true_views.add(node)
+
+
+# Ops whose result is a view of their input wherever they run, on a full tensor or a shard (the rules
+# rewrite `view` to `reshape`, which stays a view on shards cut by slicing along one dim).
+DEFINITE_VIEWS = {
+    aten.view, aten.select, aten.slice, aten.narrow, aten.transpose, aten.permute, aten.t, aten.unsqueeze,
+    aten.squeeze, aten.expand, aten.alias, aten.detach, aten.movedim, aten.diagonal, aten.unfold,
+    aten.view_as_real, aten.view_as_complex, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind,
+    aten.tensor_split, aten.swapaxes, aten.swapdims, aten.as_strided, aten.unflatten,
+}
 
 
 def _first_layout(required) -> TokenLayout:
