@@ -189,8 +189,10 @@ class FirstBlockCache:
         """(slot position, hit) for this call, the same on every rank; advances the generation and slot
         bookkeeping."""
         timestep = args[self.timestep_index] if self.timestep_index is not None else None
-        on_host = timestep is None or reads_without_sync(timestep)
-        host_value = float(timestep.reshape(-1)[0]) if timestep is not None and on_host else None
+        on_host = not isinstance(timestep, torch.Tensor) or reads_without_sync(timestep)
+        host_value = None
+        if timestep is not None and on_host:  # a Python int (Dynamo passes ints as ints) or a CPU tensor
+            host_value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         if on_host:
             # Reading a CPU tensor does not wait for the device: the slot is known before the sums (none when
             # the call starts a generation, which misses).

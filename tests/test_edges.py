@@ -32,14 +32,16 @@ SCALAR_CPP = {"cpp.vec_isa_ok": False}
 
 
 class FloatTimestepDiT(nn.Module):
-    """The toy DiT called the way hand-written sampling loops call a model: the timestep a Python float."""
+    """The toy DiT called the way hand-written sampling loops call a model: the timestep a Python float (or
+    an int: DDPM-style loops count down from 999)."""
 
     def __init__(self, **kwargs):
         super().__init__()
         self.inner = ToyDiT(**kwargs)
 
-    def forward(self, latents, text, timestep: float):
-        return self.inner(latents, text, torch.full((latents.shape[0],), timestep))
+    def forward(self, latents, text, timestep):
+        return self.inner(latents, text, torch.full((latents.shape[0],), timestep / 1000 if isinstance(timestep, int)
+                                                    else timestep, dtype=torch.float32))
 
 
 class HiddenStates(nn.Module):
@@ -158,7 +160,7 @@ def _backward(rank):
     return result
 
 
-def _float_timestep_loop(rank, mesh, threshold, steps=10):
+def _float_timestep_loop(rank, mesh, threshold, steps=10, integer=False):
     torch.manual_seed(0)
     model = FloatTimestepDiT().eval()
     base = toy_inputs()
@@ -171,6 +173,7 @@ def _float_timestep_loop(rank, mesh, threshold, steps=10):
         for generation in range(2):
             for step in range(steps):
                 timestep = 1.0 - step / steps
+                timestep = round(1000 * timestep) if integer else timestep
                 latents = base["latents"] * (1 + 0.01 * step)
                 output = compiled(latents, base["text"], timestep)
                 if threshold < 1:
@@ -298,6 +301,8 @@ def _run_scenarios(rank, world_size):
         **{f"float_{mesh}": (lambda mesh=mesh: _float_timestep_loop(rank, MESHES[mesh], 0.0)) for mesh in MESHES},
         "float_fbcache": lambda: _float_timestep_loop(rank, MESHES["ulysses2"], HUGE),
         "float_fbcache_tiny": lambda: _float_timestep_loop(rank, MESHES["ring2"], TINY),
+        "int_fbcache": lambda: _float_timestep_loop(rank, MESHES["ulysses2"], HUGE, integer=True),
+        "int_tiny": lambda: _float_timestep_loop(rank, MESHES["ring2"], TINY, integer=True),
         **{f"disagree_{case}": (lambda case=case: _disagree(rank, case))
            for case in ("same", "seed", "timestep", "transposed", "token_count", "always_later_call")},
         "check_inputs_off": lambda: _check_inputs_off_makes_no_collective(rank),
@@ -392,13 +397,13 @@ def test_float_timestep_loop_matches_eager_without_recompiling_per_value(ranks, 
 
 
 @pytest.mark.slow
-def test_float_timestep_marks_first_block_cache_generations(ranks):
-    for name in ("float_fbcache", "float_fbcache_tiny"):
+def test_float_and_int_timesteps_mark_first_block_cache_generations(ranks):
+    for name in ("float_fbcache", "float_fbcache_tiny", "int_fbcache", "int_tiny"):
         for result in _per_rank(ranks, name):
             assert result["graphs"] <= 2, result["graphs"]
-            # Two loops of 10 decreasing float timesteps: two generations, each starting with a miss.
+            # Two loops of 10 decreasing timesteps: two generations, each starting with a miss.
             stats = [(g["hits"], g["misses"]) for g in result["stats"]]
-            if name == "float_fbcache":
+            if name.endswith("fbcache"):
                 assert stats == [(9, 1), (9, 1)], stats
             else:
                 assert stats == [(0, 10), (0, 10)], stats

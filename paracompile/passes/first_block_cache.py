@@ -508,13 +508,14 @@ def _written_arguments(node: fx.Node) -> list[fx.Node]:
 
 def _find_timestep(nodes: list[fx.Node], name: Optional[str]) -> tuple[Optional[int], Optional[str]]:
     """Dynamo names the placeholder of a forward argument `timestep` `L_timestep_`, or `L_kwargs_timestep_`
-    when the forward takes **kwargs (diffusers' decorated forwards)."""
+    when the forward takes **kwargs (diffusers' decorated forwards). It is a tensor (a Python float lifted
+    into a 0-d tensor included) or a Python int (a SymInt input)."""
     if name is None:
         return None, None
     pattern = re.compile(rf"^L_(?:kwargs_)?{re.escape(name)}_$")
     placeholders = [node for node in nodes if node.op == "placeholder"]
     for index, node in enumerate(placeholders):
-        if pattern.match(str(node.target)) and _is_tensor(node):
+        if pattern.match(str(node.target)) and (_is_tensor(node) or isinstance(_val(node), torch.SymInt)):
             return index, str(node.target)
     return None, None
 
