@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from paracompile.explain import Report
 from paracompile.mesh import resolve_auto, resolve_mesh
-from paracompile.options import Options, parse_options
+from paracompile.options import Options, inductor_patches, parse_options
 from paracompile.passes.shard_batch import shard_batch
 from paracompile.passes.shard_tokens import attention_nodes, self_attention_head_counts, shard_tokens
 from paracompile.passes.trace_to_aten import trace_to_aten
@@ -85,25 +85,43 @@ _NO_BACKWARD_WITH_CACHE = (
     "residuals of an earlier call. Set threshold to 0 to train")
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) -> Callable:
+def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options, name: str = "the graph") -> Callable:
     if options.threshold > 0:
         # First Block Cache: splits the graph around the block loop and compiles each part through this
         # function again, with threshold 0 (passes/first_block_cache.py).
         from paracompile.passes.first_block_cache import compile_with_first_block_cache
         return compile_with_first_block_cache(gm, example_inputs, options, compile_graph)
     if options.compiler == "eager":
-        return gm.forward
-    from torch._inductor import list_mode_options
-    from torch._inductor.compile_fx import compile_fx
+        compiled = gm.forward
+    else:
+        from torch._inductor.compile_fx import compile_fx
 
-    patches: dict[str, Any] = {}
-    if any(node.meta.get("paracompile_attention") == "ring" for node in gm.graph.nodes):
-        # Ring attention issues each block's transfer before the previous step's attention, but Inductor's
-        # scheduler may order independent kernels either way; these passes start every collective as
-        # early and wait for it as late as its data allow, which keeps the overlap.
-        patches.update(reorder_for_compute_comm_overlap=True,
-                       reorder_for_compute_comm_overlap_passes=["sink_waits", "raise_comms"])
-    if options.mode is not None:
-        patches.update(list_mode_options(options.mode))
-    patches.update(options.inductor)
-    return compile_fx(gm, example_inputs, config_patches=patches)
+        patches: dict[str, Any] = {}
+        if any(node.meta.get("paracompile_attention") == "ring" for node in gm.graph.nodes):
+            # Ring attention issues each block's transfer before the previous step's attention, but Inductor's
+            # scheduler may order independent kernels either way; these passes start every collective as
+            # early and wait for it as late as its data allow, which keeps the overlap.
+            patches.update(reorder_for_compute_comm_overlap=True,
+                           reorder_for_compute_comm_overlap_passes=["sink_waits", "raise_comms"])
+        patches.update(inductor_patches(options))
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    if options.cuda_graphs:
+        return with_cuda_graphs(compiled, gm, example_inputs, name)
+    return compiled
+
+
+def with_cuda_graphs(compiled: Callable, gm: fx.GraphModule, example_inputs: list, name: str) -> Callable:
+    """`compiled` replayed as CUDA graphs (paracompile/cuda_graphs.py), where its inputs live on CUDA."""
+    from paracompile.cuda_graphs import CudaGraphStep
+
+    tensors = [value for value in example_inputs if isinstance(value, torch.Tensor)]
+    if not any(value.device.type == "cuda" for value in tensors):
+        warnings.warn(f"paracompile: cuda_graphs is on, but {name} takes no CUDA tensors; it runs without CUDA "
+                      "graphs", stacklevel=3)
+        return compiled
+    names = [str(node.target) for node in gm.graph.nodes if node.op == "placeholder"]
+    # The model's own state (parameters, buffers) is read in place; its address is part of a graph's key.
+    weights = {i for i, (placeholder, value) in enumerate(zip(names, example_inputs))
+               if isinstance(value, torch.nn.Parameter) or placeholder.startswith("L_self_")
+               or "_parameters_" in placeholder or "_buffers_" in placeholder}
+    return CudaGraphStep(compiled, weights, name)

@@ -38,7 +38,7 @@ import warnings
 import zlib
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -307,12 +307,8 @@ def reads_without_sync(tensor: torch.Tensor) -> bool:
 
 
 def _uses_cuda_graphs(options) -> bool:
-    if options.compiler != "inductor":
-        return False
-    patches: dict[str, Any] = {}
-    if options.mode is not None:
-        from torch._inductor import list_mode_options
+    """Inductor's own CUDA graphs reuse their output buffers on the next replay, so what the cache keeps must
+    be copied (paracompile's CUDA graphs return copies already)."""
+    from paracompile.options import inductor_patches
 
-        patches.update(list_mode_options(options.mode))
-    patches.update(options.inductor)
-    return bool(patches.get("triton.cudagraphs"))
+    return options.compiler == "inductor" and bool(inductor_patches(options).get("triton.cudagraphs"))

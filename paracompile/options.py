@@ -24,6 +24,7 @@ class Options:
     fbcache_max_hits: Optional[int] = None
     timestep_arg: Optional[str] = "timestep"
     check_inputs: str = "first"
+    cuda_graphs: bool = False
 
 
 _TYPES = {
@@ -36,6 +37,7 @@ _TYPES = {
     "fbcache_max_hits": (int, type(None)),
     "timestep_arg": (str, type(None)),
     "check_inputs": (str,),
+    "cuda_graphs": (bool,),
 }
 
 
@@ -47,10 +49,14 @@ def parse_options(raw: Optional[dict]) -> Options:
     if unknown:
         raise ValueError(f"paracompile: unknown option(s) {unknown}; valid options are {valid}")
     for key, types in _TYPES.items():
-        if key in raw and (not isinstance(raw[key], types) or (key != "explain" and isinstance(raw[key], bool))):
+        if key in raw and (not isinstance(raw[key], types) or (bool not in types and isinstance(raw[key], bool))):
             expected = " or ".join(t.__name__ for t in types)
             raise ValueError(f"paracompile: option '{key}' must be {expected}, got {raw[key]!r}")
     options = Options(**raw)
+    if options.mode == "reduce-overhead":
+        # What users mean by it: the step replayed as CUDA graphs. paracompile's own graphs capture the
+        # collectives too (paracompile/cuda_graphs.py); Inductor's cudagraph trees are left off.
+        options.cuda_graphs = True
     if options.compiler not in COMPILERS:
         raise ValueError(f"paracompile: option 'compiler' must be one of {list(COMPILERS)}, got {options.compiler!r}")
     if options.threshold < 0:
@@ -66,3 +72,17 @@ def parse_options(raw: Optional[dict]) -> Options:
         raise ValueError(f"paracompile: option 'check_inputs' must be one of {list(CHECK_INPUT_MODES)}, got "
                          f"{options.check_inputs!r}")
     return options
+
+
+def inductor_patches(options: Options) -> dict:
+    """The Inductor config patches the options ask for: the mode's, then the user's own. With paracompile's
+    CUDA graphs on, Inductor's own cudagraphs stay off unless the user's patches turn them on."""
+    patches: dict = {}
+    if options.mode is not None:
+        from torch._inductor import list_mode_options
+
+        patches.update(list_mode_options(options.mode))
+    if options.cuda_graphs:
+        patches["triton.cudagraphs"] = False
+    patches.update(options.inductor)
+    return patches

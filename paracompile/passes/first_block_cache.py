@@ -714,7 +714,7 @@ def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, opt
     backend.explanations.append(report)
     if options.explain:
         logger.warning(report)
-    parts = {name: compile_graph(graph, split.example_values[name], plain_options)
+    parts = {name: compile_graph(graph, split.example_values[name], plain_options, name=f"the cache's {name} part")
              for name, graph in ((HEAD, split.head), (REST, split.rest), (TAIL, split.tail))}
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     # Inputs named after the module's state are its weights; the others are the call's data.

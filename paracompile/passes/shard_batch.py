@@ -10,7 +10,6 @@ the token pass runs on the result, over the sequence group of this rank's batch 
 """
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 from paracompile.collectives import ProcessGroupInfo

@@ -1,0 +1,264 @@
+"""Step time of several setups in one process group, measured in interleaved rounds (A B C A B C ...), so
+that a noisy host slows every setup alike.
+
+    torchrun --nproc_per_node=2 benchmarks/rounds.py --workload flux \\
+        --setups inductor1,pc_ulysses,pc_ulysses_graphs,diffusers_ulysses --rounds 5 --steps 8 --out DIR
+    torchrun --nproc_per_node=4 benchmarks/rounds.py --workload flux --tiny --setups inductor1,pc_ulysses,pc_ring,pc_u2r2
+
+Workloads, random weights and inputs are benchmarks/compare.py's (FLUX.1-dev at 1024x1024, Wan 2.1 1.3B at
+480x832x81; bf16; `--tiny` is a CPU dry run with gloo and the eager compiler). Setups:
+
+| name | what runs |
+|---|---|
+| eager1 / inductor1 | rank 0 alone, the model as it is / `torch.compile(model)`; the other ranks wait |
+| pc_ulysses, pc_ring | paracompile with the mesh {"ulysses": world} / {"ring": world} |
+| pc_u2r2 | paracompile with {"ulysses": 2, "ring": world / 2} |
+| ..._graphs | the same with `cuda_graphs=True` (paracompile/cuda_graphs.py) |
+| diffusers_ulysses, diffusers_ring | diffusers' native context parallelism over all ranks, then `torch.compile` (its own model copy) |
+| paraattn_ulysses | para-attn 0.3.38 (with benchmarks/paraattn_shim.py), then `torch.compile` (its own model copy) |
+
+Every setup is compiled and warmed up first (its first-call time recorded), then each round runs every setup
+for `--steps` timed calls (a barrier and a device synchronize around each; a step's time is its slowest
+rank's), and records the round's median. The table reports the median of the round medians and their spread
+(lowest - highest). After the rounds, rank 0 profiles `--profile-steps` calls of each setup: GPU busy time per
+step (the union of its kernels' intervals), kernels per step, and NCCL kernel time. Memory per setup: the
+peak allocated over its first three calls (eager, capture, first replay), and what it still holds once the
+allocator's cache is released (a CUDA graph's pool). Every output is compared with eager1's (rank 0, run
+once before the rounds). Results: --out/rounds_<workload>.json and .md (rank 0).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from compare import build_inputs, build_model, versions, workload_spec  # benchmarks/ is sys.path[0]
+
+GiB = 1024 ** 3
+
+
+def make_setup(name: str, model_for, world: int, args, device):
+    """(callable, the ranks that run it, facts) for one setup name."""
+    if name == "eager1":
+        return model_for("plain"), [0], {}
+    if name == "inductor1":
+        if args.tiny:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.cpp.vec_isa_ok = False
+        return torch.compile(model_for("plain")), [0], {}
+    ranks = list(range(world))
+    if name.startswith("pc_"):
+        from paracompile import paracompile_backend
+
+        kind, graphs = name[3:].removesuffix("_graphs"), name.endswith("_graphs")
+        mesh = {"ulysses": {"ulysses": world}, "ring": {"ring": world},
+                "u2r2": {"ulysses": 2, "ring": world // 2}}[kind]
+        options = {"mesh": mesh, "cuda_graphs": graphs}
+        if args.tiny:
+            options.update(compiler="eager", cuda_graphs=False)
+        options.update(json.loads(args.paracompile_options or "{}"))
+        compiled = torch.compile(model_for("plain"),
+                                 backend=lambda gm, example: paracompile_backend(gm, example, options=options))
+        return compiled, ranks, {"options": {k: v for k, v in options.items()}}
+    style = name.split("_", 1)[1]
+    model = model_for(name)  # the peers change the model they parallelise: each gets its own copy
+    compile_backend = "eager" if args.tiny else "inductor"
+    if name.startswith("diffusers_"):
+        from diffusers import ContextParallelConfig
+
+        if style == "ring":
+            model.set_attention_backend("_native_cudnn")  # the native backend has no log-sum-exp
+        model.enable_parallelism(config=ContextParallelConfig(**{f"{style}_degree": world}))
+        return torch.compile(model, backend=compile_backend), ranks, {}
+    if name.startswith("paraattn_"):
+        import paraattn_shim
+
+        paraattn_shim.apply()
+        from para_attn.context_parallel import init_context_parallel_mesh
+        from para_attn.context_parallel.diffusers_adapters import parallelize_transformer
+
+        mesh = init_context_parallel_mesh(device.type, max_ring_dim_size=world if style == "ring" else 1)
+        parallelize_transformer(model, mesh=mesh)
+        return torch.compile(model, backend=compile_backend), ranks, {}
+    raise ValueError(f"unknown setup {name!r}")
+
+
+def profile(run, steps: int) -> dict:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for start, stop in intervals:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    nccl = sum(e.time_range.elapsed_us() for e in kernels if "nccl" in e.name.lower())
+    return dict(gpu_busy_ms=round(busy / 1000 / steps, 3), kernels_per_step=round(len(kernels) / steps, 1),
+                nccl_ms=round(nccl / 1000 / steps, 3))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", default="flux", choices=["flux", "wan"])
+    parser.add_argument("--setups", required=True)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--blocks", default=None, help="FLUX: 'double,single'; Wan: 'blocks'")
+    parser.add_argument("--paracompile-options", default=None, help="JSON merged into every pc_ setup's options")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=20))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    spec = workload_spec(args.workload, args.tiny, args.blocks)
+    inputs = build_inputs(spec, device, dtype)
+    models: dict = {}
+
+    def model_for(key: str):
+        if key not in models:
+            models[key] = build_model(spec, device, dtype)
+        return models[key]
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+
+    with torch.inference_mode():
+        reference = model_for("plain")(**inputs)[0] if rank == 0 else None
+    names = args.setups.split(",")
+    setups, results = {}, {}
+    for name in names:
+        result = results[name] = dict(setup=name)
+        try:
+            runner, ranks, facts = make_setup(name, model_for, world, args, device)
+            result.update(facts, ranks=ranks)
+            mine = rank in ranks
+
+            def call(runner=runner, mine=mine):
+                if mine:
+                    with torch.inference_mode():
+                        return runner(**inputs)[0]
+                return None
+
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                reserved_before = torch.cuda.memory_reserved()
+            sync()
+            start = time.perf_counter()
+            output = call()
+            sync()
+            result["first_call_s"] = round(time.perf_counter() - start, 1)
+            for _ in range(max(args.warmup, 2)):
+                output = call()
+            sync()
+            if cuda and mine:
+                result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
+                torch.cuda.empty_cache()
+                result["held_after_gib"] = round((torch.cuda.memory_reserved() - reserved_before) / GiB, 2)
+            if rank == 0 and output is not None:
+                result["max_abs_diff_vs_eager1"] = round((output.float() - reference.float()).abs().max().item(), 5)
+            setups[name] = call
+        except Exception:
+            result["error"] = traceback.format_exc(limit=8)
+            print(f"rank {rank}: setup {name} failed:\n{result['error']}", flush=True)
+        # Every rank learns whether any rank failed, so that all skip the setup together.
+        failed = torch.tensor([float("error" in result)], device=device)
+        dist.all_reduce(failed)
+        if failed.item() and name in setups:
+            del setups[name]
+            result.setdefault("error", "failed on another rank")
+
+    rounds = {name: [] for name in setups}
+    for _ in range(args.rounds):
+        for name, call in setups.items():
+            times = []
+            for _ in range(args.steps):
+                sync()
+                start = time.perf_counter()
+                call()
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            slowest = torch.tensor(times, dtype=torch.float64, device=device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            rounds[name].append(1000 * statistics.median(slowest.tolist()))
+    for name, call in setups.items():
+        sync()
+        if rank == 0:
+            results[name].update(profile(call, args.profile_steps))
+        else:
+            for _ in range(args.profile_steps):
+                call()
+        sync()
+        medians = rounds[name]
+        results[name].update(round_medians_ms=[round(m, 2) for m in medians],
+                             median_ms=round(statistics.median(medians), 2),
+                             spread_ms=[round(min(medians), 2), round(max(medians), 2)])
+
+    if rank == 0:
+        baseline = results.get("inductor1", {}).get("median_ms")
+        meta = dict(versions(), device=torch.cuda.get_device_name(device) if cuda else "cpu", world_size=world,
+                    workload=spec["description"], date=datetime.date.today().isoformat(),
+                    command=f"torchrun --nproc_per_node={world} " + " ".join(shlex.quote(a) for a in sys.argv),
+                    rounds=args.rounds, steps_per_round=args.steps)
+        lines = [f"# {args.workload}: interleaved rounds, {meta['device']} x{world}", "",
+                 f"{meta['workload']}; torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['date']}; "
+                 f"{args.rounds} rounds x {args.steps} steps, a step's time is its slowest rank's.", "",
+                 f"`{meta['command']}`", "",
+                 "| setup | ms / step (median of round medians) | round medians, lowest - highest | vs inductor1 "
+                 "| GPU busy ms / step (rank 0) | kernels / step | NCCL ms / step | peak allocated GiB | held after GiB "
+                 "| first call s | max abs diff vs eager1 |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name in names:
+            r = results[name]
+            if "error" in r:
+                lines.append(f"| {name} | failed: {r['error'].strip().splitlines()[-1][:120]} |" + " |" * 9)
+                continue
+            speedup = f"{baseline / r['median_ms']:.2f}x" if baseline else "-"
+            lines.append(f"| {name} | {r['median_ms']} | {r['spread_ms'][0]} - {r['spread_ms'][1]} | {speedup} | "
+                         f"{r.get('gpu_busy_ms', '-')} | {r.get('kernels_per_step', '-')} | {r.get('nccl_ms', '-')} | "
+                         f"{r.get('peak_allocated_gib', '-')} | {r.get('held_after_gib', '-')} | {r['first_call_s']} | "
+                         f"{r.get('max_abs_diff_vs_eager1', '-')} |")
+        table = "\n".join(lines)
+        print(table, flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"rounds_{spec['tag']}")
+        with open(stem + ".json", "w") as handle:
+            json.dump(dict(meta=meta, results=results), handle, indent=1)
+        with open(stem + ".md", "w") as handle:
+            handle.write(table + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

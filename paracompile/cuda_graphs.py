@@ -1,0 +1,133 @@
+"""CUDA graphs around a compiled step, its collectives included.
+
+Invariant: every call executes the step's kernels exactly once, collectives included, whether it runs
+eagerly, captures or replays (a capture records kernels and executes none, NCCL's included; the replay
+after it executes them). So whatever one rank's compiles, recompiles and captures did, every rank executes
+the same collectives in the same order, and a rank that captures while the others replay cannot hang them.
+
+Policy, per compiled step (one graph of Dynamo's, or one part of First Block Cache's split):
+- the first call with a new input signature runs eagerly: it compiles, autotunes and sets up the NCCL
+  communicators, none of which may happen inside a capture;
+- the second call with that signature captures the step into a CUDA graph, then replays it;
+- later calls copy their data inputs into the graph's input buffers (skipped where the caller passes the
+  buffer itself), replay, and return copies of the outputs (a replay overwrites the graph's own outputs,
+  and a caller may keep the last output, as classifier-free guidance does with its cond output);
+- the signature of a call: every tensor input's shape, strides, dtype and device, the address of every
+  weight (weights are read in place, so new weights capture anew), and every Python number;
+- at most `max_graphs` graphs per step: past that the least recently used one goes, and its memory with it;
+- a step that cannot be graphed runs eagerly from then on, with one warning that says why: an input on
+  the CPU (a Python float that Dynamo lifted into a tensor would be frozen into the graph: pass it as a
+  tensor on the GPU), or a capture that failed (an op that synchronises with the host, say).
+
+Each graph has its own memory pool, so its memory is the step's peak activation memory; after a capture
+the allocator's cached blocks are released, so peak reserved memory stays near the step's without graphs.
+"""
+from __future__ import annotations
+
+import collections
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class _Graph:
+    replay: Callable[[], None]
+    buffers: dict  # input position -> the tensor the graph reads
+    outputs: Sequence
+
+
+def capture_cuda_graph(function: Callable, inputs: list) -> tuple[Callable[[], None], Sequence]:
+    """Records `function(*inputs)` into a CUDA graph (executing nothing); returns (replay, its outputs)."""
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    # thread_local: NCCL's watchdog thread queries events while this thread captures.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        outputs = function(*inputs)
+    # The eager first call left its activations in the allocator's cache; the graph has its own pool.
+    torch.cuda.empty_cache()
+    return graph.replay, outputs
+
+
+class CudaGraphStep:
+    """`compiled` (a callable of tensors and Python numbers), replayed as CUDA graphs; see the module
+    docstring. `weights` are the positions of inputs the graph reads in place (parameters, buffers)."""
+
+    def __init__(self, compiled: Callable, weights: set, name: str, max_graphs: int = 8,
+                 capturer: Callable = capture_cuda_graph, device_type: str = "cuda"):
+        self.compiled = compiled
+        self.weights = set(weights)
+        self.name = name
+        self.max_graphs = max_graphs
+        self.capturer = capturer
+        self.device_type = device_type
+        self.graphs: collections.OrderedDict = collections.OrderedDict()
+        self.seen: set = set()
+        self.disabled: Optional[str] = None
+        self.captures = 0
+        self.replays = 0
+
+    def __call__(self, *args):
+        if self.disabled is not None:
+            return self.compiled(*args)
+        key = self.signature(args)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if key not in self.seen:
+                self.seen.add(key)
+                return self.compiled(*args)
+            reason = self.cannot_graph(args)
+            if reason is not None:
+                self.disable(reason)
+                return self.compiled(*args)
+            try:
+                entry = self.capture(args)
+            except Exception as error:  # an op that cannot be captured: run eagerly from now on
+                self.disable(f"capturing it failed ({type(error).__name__}: {error})")
+                return self.compiled(*args)
+            self.graphs[key] = entry
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(key)
+            for position, buffer in entry.buffers.items():
+                if args[position].data_ptr() != buffer.data_ptr():
+                    buffer.copy_(args[position])
+        entry.replay()
+        self.replays += 1
+        outputs = [o.clone() if isinstance(o, torch.Tensor) else o for o in entry.outputs]
+        return type(entry.outputs)(outputs) if isinstance(entry.outputs, tuple) else outputs
+
+    def signature(self, args) -> tuple:
+        key = []
+        for position, value in enumerate(args):
+            if isinstance(value, torch.Tensor):
+                key.append((tuple(value.shape), value.stride(), value.dtype, value.device,
+                            value.data_ptr() if position in self.weights else None))
+            else:
+                key.append(value)
+        return tuple(key)
+
+    def cannot_graph(self, args) -> Optional[str]:
+        for position, value in enumerate(args):
+            if isinstance(value, torch.Tensor) and value.device.type != self.device_type:
+                return (f"input {position} is a {value.device.type} tensor of shape {tuple(value.shape)} (a Python "
+                        "float Dynamo lifted into a tensor?): a graph would freeze its value. Pass it as a tensor on "
+                        "the GPU")
+        return None
+
+    def capture(self, args) -> _Graph:
+        buffers = {position: value.clone() for position, value in enumerate(args)
+                   if isinstance(value, torch.Tensor) and position not in self.weights}
+        inputs = [buffers.get(position, value) for position, value in enumerate(args)]
+        replay, outputs = self.capturer(self.compiled, inputs)
+        self.captures += 1
+        return _Graph(replay, buffers, outputs)
+
+    def disable(self, reason: str) -> None:
+        self.disabled = reason
+        self.graphs.clear()
+        warnings.warn(f"paracompile: CUDA graphs are off for {self.name}: {reason}; it runs without them",
+                      stacklevel=3)
