@@ -6,6 +6,7 @@ backend traces it to aten ops, runs the passes, and hands the result to Inductor
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections import deque
@@ -59,7 +60,8 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
         report.slices += [f"batch: {line}" for line in batch_report.slices]
         report.gathers += [f"batch: {line}" for line in batch_report.gathers]
     if plan.sequence is not None:
-        sharded = shard_tokens(sharded, plan.sequence, report, rewrite_attention, mesh=plan)
+        strategy = functools.partial(rewrite_attention, ulysses_chunks=parsed.ulysses_chunks)
+        sharded = shard_tokens(sharded, plan.sequence, report, strategy, mesh=plan)
         sharded.graph.eliminate_dead_code()
         sharded.recompile()
     elif plan.batch is not None:
@@ -97,10 +99,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options, na
         from torch._inductor.compile_fx import compile_fx
 
         patches: dict[str, Any] = {}
-        if any(node.meta.get("paracompile_attention") == "ring" for node in gm.graph.nodes):
-            # Ring attention issues each block's transfer before the previous step's attention, but Inductor's
-            # scheduler may order independent kernels either way; these passes start every collective as
-            # early and wait for it as late as its data allow, which keeps the overlap.
+        if any(node.meta.get("paracompile_attention") in ("ring", "ulysses_chunked") for node in gm.graph.nodes):
+            # Ring attention and chunked Ulysses issue each transfer before the attention it should overlap, but
+            # Inductor's scheduler may order independent kernels either way; these passes start every collective
+            # as early and wait for it as late as its data allow, which keeps the overlap.
             patches.update(reorder_for_compute_comm_overlap=True,
                            reorder_for_compute_comm_overlap_passes=["sink_waits", "raise_comms"])
         patches.update(inductor_patches(options))

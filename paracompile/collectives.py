@@ -236,32 +236,67 @@ def wait_for_next_rank(builder: GraphBuilder, pending: fx.Node) -> fx.Node:
     return builder.call(aten.squeeze.dim, builder.call(functional.wait_tensor.default, pending), 0)
 
 
-def all_to_all(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo) -> fx.Node:
-    """All-to-all over a leading dim of size group.size: slice i goes to rank i, slot i comes from rank i."""
+def start_all_to_all(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo) -> fx.Node:
+    """Starts an all-to-all over a leading dim of size group.size (slice i goes to rank i, slot i comes from
+    rank i); returns the pending result for `finish_all_to_all`, after the compute it should overlap."""
     tensor = builder.call(aten.contiguous.default, tensor)
     splits = [1] * group.size
-    exchanged = builder.call(functional.all_to_all_single.default, tensor, splits, splits, group.group_name)
-    return builder.call(functional.wait_tensor.default, exchanged)
+    return builder.call(functional.all_to_all_single.default, tensor, splits, splits, group.group_name)
+
+
+def finish_all_to_all(builder: GraphBuilder, pending: fx.Node) -> fx.Node:
+    return builder.call(functional.wait_tensor.default, pending)
+
+
+def all_to_all(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo) -> fx.Node:
+    return finish_all_to_all(builder, start_all_to_all(builder, tensor, group))
+
+
+class HeadsForTokens:
+    """Ulysses' first all-to-all: [.., H, .., C, ..] (local padded tokens, all heads) ->
+    [.., H / ranks, .., ranks * C, ..] (this rank's head group, every rank's tokens in padded rank-major
+    order), in two halves: `start` issues the exchange, `finish` waits for it and lays the result out."""
+
+    def __init__(self, builder: GraphBuilder, head_dim: int, token_dim: int, group: ProcessGroupInfo):
+        self.builder, self.head_dim, self.token_dim, self.group = builder, head_dim, token_dim, group
+
+    def start(self, tensor: fx.Node) -> fx.Node:
+        by_group = self.builder.call(aten.unflatten.int, tensor, self.head_dim, [self.group.size, -1])
+        return start_all_to_all(self.builder, self.builder.call(aten.movedim.int, by_group, self.head_dim, 0),
+                                self.group)
+
+    def finish(self, pending: fx.Node) -> fx.Node:
+        exchanged = finish_all_to_all(self.builder, pending)
+        # dims are now [source rank, ..., H / ranks (at head_dim + 1), ..., C (at token_dim + 1), ...]
+        rank_next_to_tokens = self.builder.call(aten.movedim.int, exchanged, 0, self.token_dim)
+        return self.builder.call(aten.flatten.using_ints, rank_next_to_tokens, self.token_dim, self.token_dim + 1)
+
+
+class TokensForHeads:
+    """Ulysses' second all-to-all, the inverse of HeadsForTokens, in the same two halves."""
+
+    def __init__(self, builder: GraphBuilder, head_dim: int, token_dim: int, group: ProcessGroupInfo):
+        self.builder, self.head_dim, self.token_dim, self.group = builder, head_dim, token_dim, group
+
+    def start(self, tensor: fx.Node) -> fx.Node:
+        by_rank = self.builder.call(aten.unflatten.int, tensor, self.token_dim, [self.group.size, -1])
+        return start_all_to_all(self.builder, self.builder.call(aten.movedim.int, by_rank, self.token_dim, 0),
+                                self.group)
+
+    def finish(self, pending: fx.Node) -> fx.Node:
+        exchanged = finish_all_to_all(self.builder, pending)
+        # dims are now [head group, ..., H / ranks (at head_dim + 1), ..., C, ...]
+        groups_next_to_heads = self.builder.call(aten.movedim.int, exchanged, 0, self.head_dim)
+        return self.builder.call(aten.flatten.using_ints, groups_next_to_heads, self.head_dim, self.head_dim + 1)
 
 
 def scatter_heads_gather_tokens(builder: GraphBuilder, tensor: fx.Node, head_dim: int, token_dim: int,
                                 group: ProcessGroupInfo) -> fx.Node:
-    """Ulysses' first all-to-all: [.., H, .., C, ..] (local padded tokens, all heads) ->
-    [.., H / ranks, .., ranks * C, ..] (this rank's head group, every rank's tokens in padded rank-major order)."""
-    by_group = builder.call(aten.unflatten.int, tensor, head_dim, [group.size, -1])
-    leading = builder.call(aten.movedim.int, by_group, head_dim, 0)
-    exchanged = all_to_all(builder, leading, group)
-    # dims are now [source rank, ..., H / ranks (at head_dim + 1), ..., C (at token_dim + 1), ...]
-    rank_next_to_tokens = builder.call(aten.movedim.int, exchanged, 0, token_dim)
-    return builder.call(aten.flatten.using_ints, rank_next_to_tokens, token_dim, token_dim + 1)
+    exchange = HeadsForTokens(builder, head_dim, token_dim, group)
+    return exchange.finish(exchange.start(tensor))
 
 
 def scatter_tokens_gather_heads(builder: GraphBuilder, tensor: fx.Node, head_dim: int, token_dim: int,
                                 group: ProcessGroupInfo) -> fx.Node:
-    """Ulysses' second all-to-all, the inverse of scatter_heads_gather_tokens."""
-    by_rank = builder.call(aten.unflatten.int, tensor, token_dim, [group.size, -1])
-    leading = builder.call(aten.movedim.int, by_rank, token_dim, 0)
-    exchanged = all_to_all(builder, leading, group)
-    # dims are now [head group, ..., H / ranks (at head_dim + 1), ..., C, ...]
-    groups_next_to_heads = builder.call(aten.movedim.int, exchanged, 0, head_dim)
-    return builder.call(aten.flatten.using_ints, groups_next_to_heads, head_dim, head_dim + 1)
+    exchange = TokensForHeads(builder, head_dim, token_dim, group)
+    return exchange.finish(exchange.start(tensor))

@@ -25,6 +25,7 @@ class Options:
     timestep_arg: Optional[str] = "timestep"
     check_inputs: str = "first"
     cuda_graphs: bool = False
+    ulysses_chunks: int = 1
 
 
 _TYPES = {
@@ -38,6 +39,7 @@ _TYPES = {
     "timestep_arg": (str, type(None)),
     "check_inputs": (str,),
     "cuda_graphs": (bool,),
+    "ulysses_chunks": (int,),
 }
 
 
@@ -68,6 +70,8 @@ def parse_options(raw: Optional[dict]) -> Options:
     if options.timestep_arg is not None and not options.timestep_arg.isidentifier():
         raise ValueError(f"paracompile: option 'timestep_arg' must name a forward argument (or be None), got "
                          f"{options.timestep_arg!r}")
+    if options.ulysses_chunks < 1:
+        raise ValueError(f"paracompile: option 'ulysses_chunks' must be >= 1, got {options.ulysses_chunks!r}")
     if options.check_inputs not in CHECK_INPUT_MODES:
         raise ValueError(f"paracompile: option 'check_inputs' must be one of {list(CHECK_INPUT_MODES)}, got "
                          f"{options.check_inputs!r}")

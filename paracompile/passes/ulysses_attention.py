@@ -32,7 +32,7 @@ class HeadCountError(ValueError):
     pass
 
 
-def rewrite_attention(rewriter, node: fx.Node) -> None:
+def rewrite_attention(rewriter, node: fx.Node, ulysses_chunks: int = 1) -> None:
     view = OpView(node, rewriter.layout_of)
     query, key, value, mask = view["query"], view["key"], view["value"], view["attn_mask"]
     layouts = [view.layout(name) for name in ("query", "key", "value")]
@@ -89,7 +89,7 @@ def rewrite_attention(rewriter, node: fx.Node) -> None:
             return
         ring_attention(rewriter, node, view, layouts, heads)
         return
-    _ulysses(rewriter, node, view, layouts, heads, key_heads)
+    _ulysses(rewriter, node, view, layouts, heads, key_heads, ulysses_chunks)
 
 
 def _local_attention(rewriter, node, view, query_layout) -> None:
@@ -112,7 +112,7 @@ def _local_attention(rewriter, node, view, query_layout) -> None:
         f"{describe_node(node)}: local (keys/values replicated, queries sharded: no communication)")
 
 
-def _ulysses(rewriter, node, view, layouts, heads, key_heads) -> None:
+def _ulysses(rewriter, node, view, layouts, heads, key_heads, chunks: int = 1) -> None:
     builder, group = rewriter.builder, rewriter.group
     name = describe_node(node)
     query_layout, key_layout, value_layout = layouts
@@ -155,41 +155,106 @@ def _ulysses(rewriter, node, view, layouts, heads, key_heads) -> None:
     keys_in_global_order = causal or mask_needs_key_order or keys_uneven
     if not keys_in_global_order and not key_layout.same_split(value_layout):
         keys_in_global_order = True  # keys and values must line up token for token
-    if _same_shapes(view, ("query", "key", "value")) and query_layout.same_split(key_layout) \
-            and key_layout.same_split(value_layout) and key_local is not None and not repeated_heads:
-        # One all-to-all for all three: fewer, larger messages and one copy instead of three.
-        padded = [collectives.pad_to_chunks(builder, t, ndim, query_layout, group)
-                  for t in (query_local, key_local, value_local)]
-        stacked = builder.call(aten.stack.default, padded, 0)
-        gathered = collectives.scatter_heads_gather_tokens(builder, stacked, head_dim + 1, token_dim + 1, group)
+    fused = (_same_shapes(view, ("query", "key", "value")) and query_layout.same_split(key_layout)
+             and key_layout.same_split(value_layout) and key_local is not None and not repeated_heads)
+    per_chunk = heads // (group.size * chunks) if isinstance(heads, int) else 0
+    chunked = (fused and chunks > 1 and per_chunk > 0 and heads % (group.size * chunks) == 0
+               and (local_mask is None or _mask_heads(view.shape(mask)) is None
+                    or same_size(_mask_heads(view.shape(mask)), 1) or same_size(_mask_heads(view.shape(mask)), heads)))
+    if chunked:
+        output = _chunked_exchange(rewriter, node, view, (query_local, key_local, value_local), query_layout,
+                                   key_layout, value_layout, local_mask, chunks, per_chunk,
+                                   query_in_global_order, keys_in_global_order, enable_gqa)
+    else:
+        if fused:
+            # One all-to-all for all three: fewer, larger messages and one copy instead of three.
+            padded = [collectives.pad_to_chunks(builder, t, ndim, query_layout, group)
+                      for t in (query_local, key_local, value_local)]
+            stacked = builder.call(aten.stack.default, padded, 0)
+            gathered = collectives.scatter_heads_gather_tokens(builder, stacked, head_dim + 1, token_dim + 1, group)
+            query_all, key_all, value_all = [builder.call(aten.select.int, gathered, 0, i) for i in range(3)]
+            if query_in_global_order:
+                query_all = collectives.rank_major_to_global(builder, query_all, query_layout, group)
+            if keys_in_global_order:
+                key_all = collectives.rank_major_to_global(builder, key_all, key_layout, group)
+                value_all = collectives.rank_major_to_global(builder, value_all, value_layout, group)
+        else:
+            query_all = exchange(query_local, query_layout, query_in_global_order)
+            key_all = exchange(key_local, key_layout, keys_in_global_order)
+            value_all = exchange(value_local, value_layout, keys_in_global_order)
+
+        args = dict(view.args)
+        args.update(query=query_all, key=key_all, value=value_all, attn_mask=local_mask, enable_gqa=enable_gqa)
+        output = rewriter._emit(node.target, args)
+        output.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        output.meta["paracompile_attention"] = "ulysses"
+
+        if query_in_global_order:
+            output = collectives.global_to_rank_major(builder, output, ndim, query_layout, group)
+        output = collectives.scatter_tokens_gather_heads(builder, output, head_dim, token_dim, group)
+    output = collectives.unpad_chunks(builder, output, query_layout, group)
+    rewriter.bind_sharded(node, output, query_layout)
+    order = "global token order" if (query_in_global_order or keys_in_global_order) else "rank-major token order"
+    overlap = f"; {chunks} head chunks, each one's exchange overlapping another's attention" if chunked else ""
+    rewriter.report.attention.append(
+        f"{name}: ulysses over {group.size} ranks ({heads} heads, {heads // group.size if isinstance(heads, int) else '?'}"
+        f" per rank; query segments {[str(s) for s in query_layout.segments]}, key segments "
+        f"{[str(s) for s in key_layout.segments]}; {order}{', causal' if causal else ''}"
+        f"{', with mask' if local_mask is not None else ''}{overlap})")
+
+
+def _mask_heads(mask_shape):
+    """The size of a mask's head dim (None when it has none)."""
+    return mask_shape[-3] if len(mask_shape) >= 3 else None
+
+
+def _chunked_exchange(rewriter, node, view, local, query_layout, key_layout, value_layout, local_mask, chunks,
+                      per_chunk, query_in_global_order, keys_in_global_order, enable_gqa):
+    """Ulysses with this rank's heads in `chunks` chunks: all chunks' q/k/v all-to-alls are issued first;
+    then per chunk, wait for its exchange, attend, and issue its output all-to-all; then wait for those. A
+    chunk's attention runs while the next chunk's inputs and the previous chunk's output are in flight.
+
+    Heads split as [ranks, chunks, per_chunk]: chunk j sends heads (r, j, :) to rank r, so rank r attends
+    heads r * chunks * per_chunk + j * per_chunk + [0, per_chunk) of its group; the outputs come back as
+    (source rank, head) per chunk and are put back in the global head order."""
+    builder, group = rewriter.builder, rewriter.group
+    ndim = len(view.shape(view["query"]))
+    token_dim, head_dim = ndim - 2, ndim - 3
+    padded = [collectives.pad_to_chunks(builder, t, ndim, query_layout, group) for t in local]
+    stacked = builder.call(aten.stack.default, padded, 0)
+    by_chunk = builder.call(aten.unflatten.int, stacked, head_dim + 1, [group.size, chunks, per_chunk])
+    inbound = collectives.HeadsForTokens(builder, head_dim + 1, token_dim + 1, group)
+    pending_in = []
+    for chunk in range(chunks):
+        piece = builder.call(aten.select.int, by_chunk, head_dim + 2, chunk)
+        pending_in.append(inbound.start(builder.call(aten.flatten.using_ints, piece, head_dim + 1, head_dim + 2)))
+    outbound = collectives.TokensForHeads(builder, head_dim, token_dim, group)
+    pending_out = []
+    mask_head_dim = len(view.shape(view["attn_mask"])) - 3 if local_mask is not None else -1
+    for chunk in range(chunks):
+        gathered = inbound.finish(pending_in[chunk])
         query_all, key_all, value_all = [builder.call(aten.select.int, gathered, 0, i) for i in range(3)]
         if query_in_global_order:
             query_all = collectives.rank_major_to_global(builder, query_all, query_layout, group)
         if keys_in_global_order:
             key_all = collectives.rank_major_to_global(builder, key_all, key_layout, group)
             value_all = collectives.rank_major_to_global(builder, value_all, value_layout, group)
-    else:
-        query_all = exchange(query_local, query_layout, query_in_global_order)
-        key_all = exchange(key_local, key_layout, keys_in_global_order)
-        value_all = exchange(value_local, value_layout, keys_in_global_order)
-
-    args = dict(view.args)
-    args.update(query=query_all, key=key_all, value=value_all, attn_mask=local_mask, enable_gqa=enable_gqa)
-    output = rewriter._emit(node.target, args)
-    output.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-    output.meta["paracompile_attention"] = "ulysses"
-
-    if query_in_global_order:
-        output = collectives.global_to_rank_major(builder, output, ndim, query_layout, group)
-    output = collectives.scatter_tokens_gather_heads(builder, output, head_dim, token_dim, group)
-    output = collectives.unpad_chunks(builder, output, query_layout, group)
-    rewriter.bind_sharded(node, output, query_layout)
-    order = "global token order" if (query_in_global_order or keys_in_global_order) else "rank-major token order"
-    rewriter.report.attention.append(
-        f"{name}: ulysses over {group.size} ranks ({heads} heads, {heads // group.size if isinstance(heads, int) else '?'}"
-        f" per rank; query segments {[str(s) for s in query_layout.segments]}, key segments "
-        f"{[str(s) for s in key_layout.segments]}; {order}{', causal' if causal else ''}"
-        f"{', with mask' if local_mask is not None else ''})")
+        mask = local_mask
+        if local_mask is not None and mask_head_dim >= 0 and not same_size(_mask_heads(view.shape(view["attn_mask"])), 1):
+            mask = builder.narrow(local_mask, mask_head_dim, chunk * per_chunk, per_chunk)
+        args = dict(view.args)
+        args.update(query=query_all, key=key_all, value=value_all, attn_mask=mask, enable_gqa=enable_gqa)
+        output = rewriter._emit(node.target, args)
+        output.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        output.meta["paracompile_attention"] = "ulysses_chunked"
+        if query_in_global_order:
+            output = collectives.global_to_rank_major(builder, output, ndim, query_layout, group)
+        pending_out.append(outbound.start(output))
+    outputs = [outbound.finish(pending) for pending in pending_out]  # heads (source rank, head) per chunk
+    by_chunk = builder.call(aten.stack.default, outputs, head_dim)
+    by_chunk = builder.call(aten.unflatten.int, by_chunk, head_dim + 1, [group.size, per_chunk])
+    ranks_first = builder.call(aten.transpose.int, by_chunk, head_dim, head_dim + 1)
+    return builder.call(aten.flatten.using_ints, ranks_first, head_dim, head_dim + 2)
 
 
 def _same_shapes(view: OpView, names) -> bool:
