@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from paracompile.explain import Report
+from paracompile.explain import Report, describe_added_ops
 from paracompile.mesh import resolve_auto, resolve_mesh
 from paracompile.options import Options, inductor_patches, parse_options
 from paracompile.passes.shard_batch import shard_batch
@@ -68,6 +68,7 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
         report.attention += batch_report.attention
     if plan.ring is not None or plan.batch is not None:
         report.notes.append(f"process groups: {plan.describe_groups()}")
+    report.notes.append(describe_added_ops(aten_graph.graph, sharded.graph))
     explanations.append(report.format())
     rewritten_graphs.append(sharded)
     if parsed.explain:

@@ -51,3 +51,29 @@ class Report:
         configured (Python's last-resort handler prints it to stderr) and under a typical application
         setup (the root logger at WARNING)."""
         logger.warning(self.format())
+
+
+def describe_added_ops(original: fx.Graph, rewritten: fx.Graph) -> str:
+    """What the rewrite added around the model's own ops, by kind: the collectives, and the layout ops
+    (slices, pads, copies, reshapes, concatenations) that move tokens between layouts. Each can be a kernel
+    (or a launch) per step, so the count is worth keeping small."""
+    from collections import Counter
+
+    # The rules turn views, flattens and unflattens into `reshape` and `narrow` into `slice`: one family each.
+    family = {"view": "reshape", "_unsafe_view": "reshape", "flatten": "reshape", "unflatten": "reshape",
+              "narrow": "slice"}
+
+    def counts(graph: fx.Graph) -> Counter:
+        names = (getattr(node.target, "__name__", str(node.target)).split(".")[0]
+                 for node in graph.nodes if node.op == "call_function")
+        return Counter(family.get(name, name) for name in names)
+
+    before, after = counts(original), counts(rewritten)
+    added = {name: after[name] - before[name] for name in after if after[name] > before[name]}
+    collectives = {n: c for n, c in added.items() if n in ("all_to_all_single", "all_gather_into_tensor", "wait_tensor")}
+    layout = {n: c for n, c in added.items() if n not in collectives}
+    def listing(items):
+        return ", ".join(f"{name} {count}" for name, count in sorted(items.items(), key=lambda i: (-i[1], i[0])))
+    return (f"ops added by the rewrite: {sum(collectives.values())} collective ({listing(collectives) or 'none'}); "
+            f"{sum(layout.values())} other ({listing(layout) or 'none'}); the original graph has "
+            f"{sum(before.values())} ops")

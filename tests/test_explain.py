@@ -1,0 +1,30 @@
+"""The explain report's pieces, in one process."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from paracompile.explain import describe_added_ops
+
+aten = torch.ops.aten
+functional = torch.ops._c10d_functional
+
+
+def _graph(targets):
+    graph = fx.Graph()
+    value = graph.placeholder("x")
+    for target, args in targets:
+        value = graph.call_function(target, (value, *args))
+    graph.output(value)
+    return graph
+
+
+def test_added_ops_are_counted_by_kind_and_renamed_views_are_not_additions():
+    original = _graph([(aten.view.default, ([4, 4],)), (aten.narrow.default, (0, 0, 2)), (aten.relu.default, ())])
+    rewritten = _graph([(aten.reshape.default, ([4, 4],)), (aten.slice.Tensor, (0, 0, 2)),
+                        (aten.movedim.int, (0, 1)), (functional.all_to_all_single.default, ([1], [1], "0")),
+                        (functional.wait_tensor.default, ()), (aten.relu.default, ()),
+                        (aten.contiguous.default, ())])
+    text = describe_added_ops(original, rewritten)
+    assert text == ("ops added by the rewrite: 2 collective (all_to_all_single 1, wait_tensor 1); "
+                    "2 other (contiguous 1, movedim 1); the original graph has 3 ops"), text
