@@ -252,51 +252,38 @@ def all_to_all(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo) 
     return finish_all_to_all(builder, start_all_to_all(builder, tensor, group))
 
 
-class HeadsForTokens:
-    """Ulysses' first all-to-all: [.., H, .., C, ..] (local padded tokens, all heads) ->
-    [.., H / ranks, .., ranks * C, ..] (this rank's head group, every rank's tokens in padded rank-major
-    order), in two halves: `start` issues the exchange, `finish` waits for it and lays the result out."""
+class Exchange:
+    """An all-to-all that splits one dim over the ranks and gathers another, in two halves: `start` issues
+    it, `finish` waits for it and lays the result out. [.., A, .., B, ..] with A at `split_dim` ->
+    [.., A / ranks, .., ranks * B, ..]: slice r of A goes to rank r, and what rank r sent lands at block r of
+    B. Ulysses' first all-to-all splits heads and gathers tokens (tokens in padded rank-major order), its
+    second splits tokens and gathers heads."""
 
-    def __init__(self, builder: GraphBuilder, head_dim: int, token_dim: int, group: ProcessGroupInfo):
-        self.builder, self.head_dim, self.token_dim, self.group = builder, head_dim, token_dim, group
+    def __init__(self, builder: GraphBuilder, split_dim: int, gather_dim: int, group: ProcessGroupInfo):
+        self.builder, self.split_dim, self.gather_dim, self.group = builder, split_dim, gather_dim, group
 
     def start(self, tensor: fx.Node) -> fx.Node:
-        by_group = self.builder.call(aten.unflatten.int, tensor, self.head_dim, [self.group.size, -1])
-        return start_all_to_all(self.builder, self.builder.call(aten.movedim.int, by_group, self.head_dim, 0),
+        by_rank = self.builder.call(aten.unflatten.int, tensor, self.split_dim, [self.group.size, -1])
+        return start_all_to_all(self.builder, self.builder.call(aten.movedim.int, by_rank, self.split_dim, 0),
                                 self.group)
 
     def finish(self, pending: fx.Node) -> fx.Node:
         exchanged = finish_all_to_all(self.builder, pending)
-        # dims are now [source rank, ..., H / ranks (at head_dim + 1), ..., C (at token_dim + 1), ...]
-        rank_next_to_tokens = self.builder.call(aten.movedim.int, exchanged, 0, self.token_dim)
-        return self.builder.call(aten.flatten.using_ints, rank_next_to_tokens, self.token_dim, self.token_dim + 1)
-
-
-class TokensForHeads:
-    """Ulysses' second all-to-all, the inverse of HeadsForTokens, in the same two halves."""
-
-    def __init__(self, builder: GraphBuilder, head_dim: int, token_dim: int, group: ProcessGroupInfo):
-        self.builder, self.head_dim, self.token_dim, self.group = builder, head_dim, token_dim, group
-
-    def start(self, tensor: fx.Node) -> fx.Node:
-        by_rank = self.builder.call(aten.unflatten.int, tensor, self.token_dim, [self.group.size, -1])
-        return start_all_to_all(self.builder, self.builder.call(aten.movedim.int, by_rank, self.token_dim, 0),
-                                self.group)
-
-    def finish(self, pending: fx.Node) -> fx.Node:
-        exchanged = finish_all_to_all(self.builder, pending)
-        # dims are now [head group, ..., H / ranks (at head_dim + 1), ..., C, ...]
-        groups_next_to_heads = self.builder.call(aten.movedim.int, exchanged, 0, self.head_dim)
-        return self.builder.call(aten.flatten.using_ints, groups_next_to_heads, self.head_dim, self.head_dim + 1)
+        # dims are now [source rank, ..., A / ranks (at split_dim + 1), ..., B (at gather_dim + 1), ...]
+        rank_next_to_gathered = self.builder.call(aten.movedim.int, exchanged, 0, self.gather_dim)
+        return self.builder.call(aten.flatten.using_ints, rank_next_to_gathered, self.gather_dim, self.gather_dim + 1)
 
 
 def scatter_heads_gather_tokens(builder: GraphBuilder, tensor: fx.Node, head_dim: int, token_dim: int,
                                 group: ProcessGroupInfo) -> fx.Node:
-    exchange = HeadsForTokens(builder, head_dim, token_dim, group)
+    """Ulysses' first all-to-all: [.., H, .., C, ..] (local padded tokens, all heads) ->
+    [.., H / ranks, .., ranks * C, ..] (this rank's head group, every rank's tokens in padded rank-major order)."""
+    exchange = Exchange(builder, head_dim, token_dim, group)
     return exchange.finish(exchange.start(tensor))
 
 
 def scatter_tokens_gather_heads(builder: GraphBuilder, tensor: fx.Node, head_dim: int, token_dim: int,
                                 group: ProcessGroupInfo) -> fx.Node:
-    exchange = TokensForHeads(builder, head_dim, token_dim, group)
+    """Ulysses' second all-to-all, the inverse of scatter_heads_gather_tokens."""
+    exchange = Exchange(builder, token_dim, head_dim, group)
     return exchange.finish(exchange.start(tensor))

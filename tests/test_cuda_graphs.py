@@ -49,6 +49,14 @@ class Recorder:
         return replay, outputs
 
 
+def _warnings_of(call) -> tuple:
+    """(call's result, the texts of the warnings it gave)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, [str(w.message) for w in caught]
+
+
 def _graphed(step, recorder, max_graphs=8):
     return CudaGraphStep(step, weights={0}, name="the test step", max_graphs=max_graphs, capturer=recorder,
                          device_type="cpu")
@@ -118,11 +126,9 @@ def test_a_cpu_input_turns_graphs_off_with_a_warning():
     graphed = CudaGraphStep(step, weights={0}, name="the test step", capturer=Recorder(step), device_type="cuda")
     weight, x = torch.randn(4, 3), torch.randn(2, 4)
     graphed(weight, x, 1.0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        output = graphed(weight, x, 1.0)
+    output, texts = _warnings_of(lambda: graphed(weight, x, 1.0))
     assert torch.allclose(output[0], x @ weight)
-    assert any("CUDA graphs are off for the test step: input 0 is a cpu tensor" in str(w.message) for w in caught)
+    assert any("CUDA graphs are off for the test step: input 0 is a cpu tensor" in text for text in texts), texts
     assert graphed.disabled and graphed.replays == 0
 
 
@@ -131,11 +137,9 @@ def test_a_failed_capture_turns_graphs_off_with_a_warning_and_the_call_still_run
     graphed = _graphed(step, Recorder(step, fail=True))
     weight, x = torch.randn(4, 3), torch.randn(2, 4)
     graphed(weight, x, 1.0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        output = graphed(weight, x, 1.0)
+    output, texts = _warnings_of(lambda: graphed(weight, x, 1.0))
     assert torch.allclose(output[0], x @ weight)
-    assert any("capturing it failed (RuntimeError: operation not permitted" in str(w.message) for w in caught)
+    assert any("capturing it failed (RuntimeError: operation not permitted" in text for text in texts), texts
     assert step.executions == 2
 
 
@@ -186,14 +190,12 @@ def test_cuda_graphs_on_cpu_tensors_warn_and_run_without_graphs():
     torch.manual_seed(0)
     model = ToyDiT().eval()
     inputs = toy_inputs()
+    compiled = torch.compile(model, backend="paracompile", options={"compiler": "eager", "cuda_graphs": True})
     try:
-        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
-            warnings.simplefilter("always")
-            output = torch.compile(model, backend="paracompile",
-                                   options={"compiler": "eager", "cuda_graphs": True})(**inputs)
+        with torch.no_grad():
+            output, texts = _warnings_of(lambda: compiled(**inputs))
             expected = model(**inputs)
     finally:
         torch._dynamo.reset()
     assert torch.allclose(output, expected, atol=1e-5)
-    assert any("cuda_graphs is on, but the graph takes no CUDA tensors" in str(w.message) for w in caught), \
-        [str(w.message) for w in caught]
+    assert any("cuda_graphs is on, but the graph takes no CUDA tensors" in text for text in texts), texts

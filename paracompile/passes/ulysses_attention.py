@@ -161,34 +161,16 @@ def _ulysses(rewriter, node, view, layouts, heads, key_heads, chunks: int = 1) -
     chunked = (fused and chunks > 1 and per_chunk > 0 and heads % (group.size * chunks) == 0
                and (local_mask is None or _mask_heads(view.shape(mask)) is None
                     or same_size(_mask_heads(view.shape(mask)), 1) or same_size(_mask_heads(view.shape(mask)), heads)))
-    if chunked:
-        output = _chunked_exchange(rewriter, node, view, (query_local, key_local, value_local), query_layout,
-                                   key_layout, value_layout, local_mask, chunks, per_chunk,
-                                   query_in_global_order, keys_in_global_order, enable_gqa)
+    if fused:
+        # One all-to-all for all three (per chunk of heads): fewer, larger messages and one copy instead of three.
+        output = _fused_exchange(rewriter, node, view, (query_local, key_local, value_local), query_layout,
+                                 key_layout, value_layout, local_mask, chunks if chunked else 1, per_chunk,
+                                 query_in_global_order, keys_in_global_order, enable_gqa)
     else:
-        if fused:
-            # One all-to-all for all three: fewer, larger messages and one copy instead of three.
-            padded = [collectives.pad_to_chunks(builder, t, ndim, query_layout, group)
-                      for t in (query_local, key_local, value_local)]
-            stacked = builder.call(aten.stack.default, padded, 0)
-            gathered = collectives.scatter_heads_gather_tokens(builder, stacked, head_dim + 1, token_dim + 1, group)
-            query_all, key_all, value_all = [builder.call(aten.select.int, gathered, 0, i) for i in range(3)]
-            if query_in_global_order:
-                query_all = collectives.rank_major_to_global(builder, query_all, query_layout, group)
-            if keys_in_global_order:
-                key_all = collectives.rank_major_to_global(builder, key_all, key_layout, group)
-                value_all = collectives.rank_major_to_global(builder, value_all, value_layout, group)
-        else:
-            query_all = exchange(query_local, query_layout, query_in_global_order)
-            key_all = exchange(key_local, key_layout, keys_in_global_order)
-            value_all = exchange(value_local, value_layout, keys_in_global_order)
-
-        args = dict(view.args)
-        args.update(query=query_all, key=key_all, value=value_all, attn_mask=local_mask, enable_gqa=enable_gqa)
-        output = rewriter._emit(node.target, args)
-        output.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-        output.meta["paracompile_attention"] = "ulysses"
-
+        query_all = exchange(query_local, query_layout, query_in_global_order)
+        key_all = exchange(key_local, key_layout, keys_in_global_order)
+        value_all = exchange(value_local, value_layout, keys_in_global_order)
+        output = _attend(rewriter, node, view, query_all, key_all, value_all, local_mask, enable_gqa, "ulysses")
         if query_in_global_order:
             output = collectives.global_to_rank_major(builder, output, ndim, query_layout, group)
         output = collectives.scatter_tokens_gather_heads(builder, output, head_dim, token_dim, group)
@@ -208,11 +190,23 @@ def _mask_heads(mask_shape):
     return mask_shape[-3] if len(mask_shape) >= 3 else None
 
 
-def _chunked_exchange(rewriter, node, view, local, query_layout, key_layout, value_layout, local_mask, chunks,
-                      per_chunk, query_in_global_order, keys_in_global_order, enable_gqa):
-    """Ulysses with this rank's heads in `chunks` chunks: all chunks' q/k/v all-to-alls are issued first;
-    then per chunk, wait for its exchange, attend, and issue its output all-to-all; then wait for those. A
-    chunk's attention runs while the next chunk's inputs and the previous chunk's output are in flight.
+def _attend(rewriter, node, view, query, key, value, mask, enable_gqa, kind: str) -> fx.Node:
+    """The original attention op on exchanged inputs, with the node's module stack (later passes find
+    attention and its module by it)."""
+    args = dict(view.args)
+    args.update(query=query, key=key, value=value, attn_mask=mask, enable_gqa=enable_gqa)
+    output = rewriter._emit(node.target, args)
+    output.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    output.meta["paracompile_attention"] = kind
+    return output
+
+
+def _fused_exchange(rewriter, node, view, local, query_layout, key_layout, value_layout, local_mask, chunks,
+                    per_chunk, query_in_global_order, keys_in_global_order, enable_gqa):
+    """Ulysses with q, k and v stacked into one all-to-all, and with this rank's heads in `chunks` chunks:
+    every chunk's all-to-all is issued first; then per chunk, wait for its exchange, attend, and issue its
+    output all-to-all; then wait for those. A chunk's attention runs while the next chunk's inputs and the
+    previous chunk's output are in flight.
 
     Heads split as [ranks, chunks, per_chunk]: chunk j sends heads (r, j, :) to rank r, so rank r attends
     heads r * chunks * per_chunk + j * per_chunk + [0, per_chunk) of its group; the outputs come back as
@@ -222,15 +216,17 @@ def _chunked_exchange(rewriter, node, view, local, query_layout, key_layout, val
     token_dim, head_dim = ndim - 2, ndim - 3
     padded = [collectives.pad_to_chunks(builder, t, ndim, query_layout, group) for t in local]
     stacked = builder.call(aten.stack.default, padded, 0)
-    by_chunk = builder.call(aten.unflatten.int, stacked, head_dim + 1, [group.size, chunks, per_chunk])
-    inbound = collectives.HeadsForTokens(builder, head_dim + 1, token_dim + 1, group)
-    pending_in = []
-    for chunk in range(chunks):
-        piece = builder.call(aten.select.int, by_chunk, head_dim + 2, chunk)
-        pending_in.append(inbound.start(builder.call(aten.flatten.using_ints, piece, head_dim + 1, head_dim + 2)))
-    outbound = collectives.TokensForHeads(builder, head_dim, token_dim, group)
+    if chunks == 1:
+        pieces = [stacked]
+    else:
+        by_chunk = builder.call(aten.unflatten.int, stacked, head_dim + 1, [group.size, chunks, per_chunk])
+        pieces = [builder.call(aten.flatten.using_ints, builder.call(aten.select.int, by_chunk, head_dim + 2, chunk),
+                               head_dim + 1, head_dim + 2) for chunk in range(chunks)]
+    inbound = collectives.Exchange(builder, head_dim + 1, token_dim + 1, group)  # heads out, tokens in
+    pending_in = [inbound.start(piece) for piece in pieces]
+    outbound = collectives.Exchange(builder, token_dim, head_dim, group)  # tokens out, heads back
     pending_out = []
-    mask_head_dim = len(view.shape(view["attn_mask"])) - 3 if local_mask is not None else -1
+    mask_heads = _mask_heads(view.shape(view["attn_mask"])) if local_mask is not None else None
     for chunk in range(chunks):
         gathered = inbound.finish(pending_in[chunk])
         query_all, key_all, value_all = [builder.call(aten.select.int, gathered, 0, i) for i in range(3)]
@@ -240,17 +236,16 @@ def _chunked_exchange(rewriter, node, view, local, query_layout, key_layout, val
             key_all = collectives.rank_major_to_global(builder, key_all, key_layout, group)
             value_all = collectives.rank_major_to_global(builder, value_all, value_layout, group)
         mask = local_mask
-        if local_mask is not None and mask_head_dim >= 0 and not same_size(_mask_heads(view.shape(view["attn_mask"])), 1):
-            mask = builder.narrow(local_mask, mask_head_dim, chunk * per_chunk, per_chunk)
-        args = dict(view.args)
-        args.update(query=query_all, key=key_all, value=value_all, attn_mask=mask, enable_gqa=enable_gqa)
-        output = rewriter._emit(node.target, args)
-        output.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-        output.meta["paracompile_attention"] = "ulysses_chunked"
+        if chunks > 1 and mask_heads is not None and not same_size(mask_heads, 1):
+            mask = builder.narrow(local_mask, len(view.shape(view["attn_mask"])) - 3, chunk * per_chunk, per_chunk)
+        output = _attend(rewriter, node, view, query_all, key_all, value_all, mask, enable_gqa,
+                         "ulysses" if chunks == 1 else "ulysses_chunked")
         if query_in_global_order:
             output = collectives.global_to_rank_major(builder, output, ndim, query_layout, group)
         pending_out.append(outbound.start(output))
     outputs = [outbound.finish(pending) for pending in pending_out]  # heads (source rank, head) per chunk
+    if chunks == 1:
+        return outputs[0]
     by_chunk = builder.call(aten.stack.default, outputs, head_dim)
     by_chunk = builder.call(aten.unflatten.int, by_chunk, head_dim + 1, [group.size, per_chunk])
     ranks_first = builder.call(aten.transpose.int, by_chunk, head_dim, head_dim + 1)
