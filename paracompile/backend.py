@@ -35,11 +35,11 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
     parsed = parse_options(options)
     plan = resolve_mesh(parsed.mesh)
     if plan.world_size == 1:
-        if parsed.threshold == 0:
+        if parsed.threshold == 0 and not parsed.cuda_graphs:
             return compile_graph(gm, example_inputs, parsed)  # plain Inductor: exact gradients included
         with torch.no_grad():
             compiled = compile_graph(gm, example_inputs, parsed)
-        return guarded(compiled, _NO_BACKWARD_WITH_CACHE)
+        return guarded(compiled, _NO_BACKWARD_WITH_CACHE if parsed.threshold > 0 else _NO_BACKWARD_WITH_GRAPHS)
 
     aten_graph = trace_to_aten(gm, example_inputs)
     check = InputCheck([node.target for node in aten_graph.graph.nodes if node.op == "placeholder"],
@@ -83,6 +83,9 @@ _NO_BACKWARD_ON_MESH = (
     "would not be exact (each rank holds only its token shard's share). Run inference under torch.no_grad() "
     "or torch.inference_mode(); to train, compile without a process group (one rank: plain Inductor, exact "
     "gradients)")
+_NO_BACKWARD_WITH_GRAPHS = (
+    "paracompile: backward through CUDA graphs (cuda_graphs=True or mode='reduce-overhead') is not supported: "
+    "the graphs replay the forward only. Turn them off to train")
 _NO_BACKWARD_WITH_CACHE = (
     "paracompile: backward through First Block Cache (threshold > 0) is not supported: a skipped step reuses "
     "residuals of an earlier call. Set threshold to 0 to train")

@@ -199,3 +199,22 @@ def test_cuda_graphs_on_cpu_tensors_warn_and_run_without_graphs():
         torch._dynamo.reset()
     assert torch.allclose(output, expected, atol=1e-5)
     assert any("cuda_graphs is on, but the graph takes no CUDA tensors" in text for text in texts), texts
+
+
+def test_backward_through_cuda_graphs_raises_and_forward_with_grad_stays_exact():
+    """On the CPU the graphs are off (a warning), but the step is still compiled forward-only: the same
+    contract as on a GPU, where a replayed graph records no autograd history."""
+    from tests.toy_dit import ToyDiT, toy_inputs
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ToyDiT()
+    inputs = toy_inputs()
+    compiled = torch.compile(model, backend="paracompile", options={"compiler": "eager", "cuda_graphs": True})
+    try:
+        output, _ = _warnings_of(lambda: compiled(**inputs))
+        assert torch.allclose(output, model(**inputs), atol=1e-5)
+        with pytest.raises(RuntimeError, match="backward through CUDA graphs"):
+            output.sum().backward()
+    finally:
+        torch._dynamo.reset()
