@@ -1,0 +1,174 @@
+"""Single rules, the layout arithmetic and the mesh arithmetic, in one process (the fast tier).
+
+Rules are called on one node of a small traced aten graph with a chosen input layout; the layout helpers
+run on real tensors in a graph without collectives; the mesh is resolved against torch's fake process
+group (`torch.testing._internal.distributed.fake_pg`), which plays one rank of a larger world in this
+process.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from paracompile import collectives
+from paracompile.collectives import ProcessGroupInfo, SegmentArithmetic
+from paracompile.graph_builder import GraphBuilder
+from paracompile.passes.sharding_rules import OpView, rule_for
+from paracompile.passes.token_layout import TokenLayout
+
+aten = torch.ops.aten
+
+
+def _node(function, *example_inputs, target):
+    """The first node calling `target` in the aten graph of `function` (pre-dispatch, like the backend's)."""
+    graph = make_fx(function, pre_dispatch=True)(*example_inputs).graph
+    return next(n for n in graph.nodes if n.op == "call_function" and n.target is target), graph
+
+
+def _apply(node, layouts: dict):
+    """The rule's answer for `node` when the placeholders named in `layouts` have those layouts."""
+    by_node = {n: layouts[n.target] for n in node.graph.nodes if n.op == "placeholder" and n.target in layouts}
+    return rule_for(node)(OpView(node, by_node.get))
+
+
+def test_pointwise_follows_the_token_axis_through_broadcasting():
+    node, _ = _node(lambda x, bias: x + bias, torch.randn(2, 10, 8), torch.randn(8), target=aten.add.Tensor)
+    sharding = _apply(node, {"x_1": TokenLayout(1, (10,))})
+    assert sharding.output == TokenLayout(1, (10,))
+    assert set(sharding.inputs) == {"self"}, "a bias without the token axis stays replicated"
+
+
+def test_linear_keeps_the_token_axis_unless_it_contracts_over_it():
+    node, _ = _node(lambda x, w: torch.nn.functional.linear(x, w), torch.randn(2, 10, 8), torch.randn(4, 8),
+                    target=aten.linear.default)
+    assert _apply(node, {"x_1": TokenLayout(1, (10,))}).output == TokenLayout(1, (10,))
+    assert _apply(node, {"x_1": TokenLayout(2, (8,))}) is None
+
+
+def test_reshape_keeps_whole_token_axes_and_declines_an_unpatchify():
+    keep, _ = _node(lambda x: x.view(2, 10, 2, 4), torch.randn(2, 10, 8), target=aten.view.default)
+    assert _apply(keep, {"x_1": TokenLayout(1, (10,))}).output == TokenLayout(1, (10,))
+    split, _ = _node(lambda x: x.view(2, 5, 2, 8), torch.randn(2, 10, 8), target=aten.view.default)
+    assert _apply(split, {"x_1": TokenLayout(1, (10,))}) is None
+
+
+def test_slices_of_the_token_axis_must_fall_on_segment_boundaries():
+    at_boundary, _ = _node(lambda x: x[:, 3:], torch.randn(2, 10, 8), target=aten.slice.Tensor)
+    assert _apply(at_boundary, {"x_1": TokenLayout(1, (3, 7))}).output == TokenLayout(1, (7,))
+    inside, _ = _node(lambda x: x[:, 4:], torch.randn(2, 10, 8), target=aten.slice.Tensor)
+    assert _apply(inside, {"x_1": TokenLayout(1, (3, 7))}) is None
+
+
+def test_cat_along_the_token_axis_appends_segments():
+    node, _ = _node(lambda text, image: torch.cat([text, image], dim=1), torch.randn(1, 3, 8),
+                    torch.randn(1, 7, 8), target=aten.cat.default)
+    sharding = _apply(node, {"text_1": TokenLayout(1, (3,)), "image_1": TokenLayout(1, (7,))})
+    assert sharding.output == TokenLayout(1, (3, 7))
+
+
+@pytest.mark.parametrize("function, token_local", [
+    (lambda x: x.mean(-1), True), (lambda x: x.mean(1), False), (lambda x: x.softmax(-1), True),
+    (lambda x: x.softmax(1), False)])
+def test_ops_along_the_token_axis_decline(function, token_local):
+    graph = make_fx(function, pre_dispatch=True)(torch.randn(2, 10, 8)).graph
+    node = next(n for n in graph.nodes if n.op == "call_function")
+    sharding = _apply(node, {"x_1": TokenLayout(1, (10,))})
+    assert (sharding is not None) == token_local
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout arithmetic
+
+
+@pytest.mark.parametrize("length, ranks, expected", [(35, 2, [18, 17]), (35, 4, [9, 9, 9, 8]), (6, 4, [2, 2, 2, 0]),
+                                                      (2, 4, [1, 1, 0, 0]), (16, 4, [4, 4, 4, 4])])
+def test_segments_split_like_torch_chunk(length, ranks, expected):
+    builder = GraphBuilder(fx.Graph(), {})
+    sizes = SegmentArithmetic(builder, TokenLayout(0, (length,)), ProcessGroupInfo(ranks, 0, "unused"))
+    assert [sizes.lengths_of_rank(rank)[0] for rank in range(ranks)] == expected
+    assert expected == [len(chunk) for chunk in torch.arange(length).chunk(ranks)] + [0] * (
+        ranks - len(torch.arange(length).chunk(ranks)))
+
+
+def _run(build, *inputs):
+    """Builds a graph with `build(builder, *placeholders)` and runs it on `inputs`."""
+    graph = fx.Graph()
+    placeholders = [graph.placeholder(f"input_{i}") for i in range(len(inputs))]
+    graph.output(build(GraphBuilder(graph, {}), *placeholders))
+    return fx.GraphModule(torch.nn.Module(), graph)(*inputs)
+
+
+@pytest.mark.parametrize("segments", [(16,), (6, 35), (7, 35, 3)])
+def test_shards_in_padded_rank_major_order_round_trip_to_global_order(segments):
+    ranks, layout = 4, TokenLayout(1, segments)
+    full = torch.randn(2, sum(segments), 3)
+    group = [ProcessGroupInfo(ranks, rank, "unused") for rank in range(ranks)]
+    shards = [_run(lambda b, x, g=g: collectives.slice_to_layout(b, x, layout, g), full) for g in group]
+    # What an all-gather of every rank's padded shard gives, rank after rank:
+    padded = torch.cat([_run(lambda b, x, g=g: collectives.pad_to_chunks(b, x, 3, layout, g), shard)
+                        for g, shard in zip(group, shards)], dim=1)
+    assert torch.equal(_run(lambda b, x: collectives.rank_major_to_global(b, x, layout, group[0]), padded), full)
+    assert torch.equal(_run(lambda b, x: collectives.global_to_rank_major(b, x, 3, layout, group[0]), full), padded)
+    for g, shard in zip(group, shards):
+        assert torch.equal(_run(lambda b, x, g=g: collectives.unpad_chunks(
+            b, collectives.pad_to_chunks(b, x, 3, layout, g), layout, g), shard), shard)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mesh arithmetic, one rank of a fake world
+
+
+@pytest.fixture
+def fake_world():
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import paracompile.mesh as mesh
+
+    def join(rank: int, world_size: int):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        mesh._GROUP_CACHE.clear()
+        mesh._GROUPS_BY_RANKS.clear()
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+
+    yield join
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    mesh._GROUP_CACHE.clear()
+    mesh._GROUPS_BY_RANKS.clear()
+
+
+@pytest.mark.parametrize("rank, ulysses_rank, ring_rank, sequence_rank", [(0, 0, 0, 0), (1, 1, 0, 1), (2, 0, 1, 2),
+                                                                         (3, 1, 1, 3)])
+def test_ulysses_groups_are_consecutive_ranks_and_ring_groups_stride_over_them(fake_world, rank, ulysses_rank,
+                                                                               ring_rank, sequence_rank):
+    from paracompile.mesh import resolve_mesh
+
+    fake_world(rank, 4)
+    plan = resolve_mesh({"ulysses": 2, "ring": 2})
+    assert (plan.ulysses.size, plan.ring.size, plan.sequence.size) == (2, 2, 4)
+    assert (plan.ulysses.rank, plan.ring.rank, plan.sequence.rank) == (ulysses_rank, ring_rank, sequence_rank)
+    assert plan.ring_blocks == ((0, 1), (2, 3))
+    assert plan.describe_groups() == "ulysses groups [[0, 1], [2, 3]], ring groups [[0, 2], [1, 3]]"
+
+
+def test_batch_dim_is_outermost(fake_world):
+    from paracompile.mesh import resolve_mesh
+
+    fake_world(3, 4)
+    plan = resolve_mesh({"batch": 2, "ulysses": 2})
+    assert (plan.batch.size, plan.batch.rank, plan.sequence.size, plan.sequence.rank) == (2, 1, 2, 1)
+    assert plan.ring is None
+
+
+@pytest.mark.parametrize("heads, expected", [([24], (1, 1, 4)), ([3], (1, 4, 1)), ([24, 6], (1, 2, 2)), ([6], (1, 2, 2)),
+                                             ([8], (1, 1, 4))])
+def test_auto_takes_the_largest_ulysses_degree_that_divides_every_head_count(fake_world, heads, expected):
+    from paracompile.mesh import resolve_auto, resolve_mesh
+
+    fake_world(0, 4)
+    plan = resolve_auto(resolve_mesh("auto"), heads)
+    assert tuple(plan.degrees[name] for name in ("batch", "ring", "ulysses")) == expected
