@@ -13,6 +13,7 @@ Workloads, random weights and inputs are benchmarks/compare.py's (FLUX.1-dev at 
 | eager1 / inductor1 | rank 0 alone, the model as it is / `torch.compile(model)`; the other ranks wait |
 | pc_ulysses, pc_ring | paracompile with the mesh {"ulysses": world} / {"ring": world} |
 | pc_u2r2 | paracompile with {"ulysses": 2, "ring": world / 2} |
+| ..._c2, ..._c4 | the same with `ulysses_chunks` 2 or 4 (each chunk's exchange overlaps another's attention) |
 | ..._graphs | the same with `cuda_graphs=True` (paracompile/cuda_graphs.py) |
 | diffusers_ulysses, diffusers_ring | diffusers' native context parallelism over all ranks, then `torch.compile` (its own model copy) |
 | paraattn_ulysses | para-attn 0.3.38 (with benchmarks/paraattn_shim.py), then `torch.compile` (its own model copy) |
@@ -60,10 +61,12 @@ def make_setup(name: str, model_for, world: int, args, device):
     if name.startswith("pc_"):
         from paracompile import paracompile_backend
 
-        kind, graphs = name[3:].removesuffix("_graphs"), name.endswith("_graphs")
+        parts = name[3:].split("_")
+        kind, graphs = parts[0], "graphs" in parts
+        chunks = next((int(p[1:]) for p in parts if p.startswith("c") and p[1:].isdigit()), 1)
         mesh = {"ulysses": {"ulysses": world}, "ring": {"ring": world},
                 "u2r2": {"ulysses": 2, "ring": world // 2}}[kind]
-        options = {"mesh": mesh, "cuda_graphs": graphs}
+        options = {"mesh": mesh, "cuda_graphs": graphs, "ulysses_chunks": chunks}
         if args.tiny:
             options.update(compiler="eager", cuda_graphs=False)
         options.update(json.loads(args.paracompile_options or "{}"))
