@@ -144,7 +144,8 @@ def _sums(entries, device: torch.device) -> torch.Tensor:
         parts.append(tensor.abs().sum(dtype=torch.float64).reshape(1))
     if not parts:
         return torch.zeros(0, dtype=torch.float64, device=device)
-    return torch.cat([p.to(device) for p in parts])
+    # NaN and infinities as finite stand-ins: the same non-finite input on every rank compares equal.
+    return torch.nan_to_num(torch.cat([p.to(device) for p in parts]), nan=1e300, posinf=1e299, neginf=-1e299)
 
 
 def verify_same_on_every_rank(entries: list) -> None:
