@@ -12,8 +12,10 @@ Policy, per compiled step (one graph of Dynamo's, or one part of First Block Cac
 - later calls copy their data inputs into the graph's input buffers (skipped where the caller passes the
   buffer itself), replay, and return copies of the outputs (a replay overwrites the graph's own outputs,
   and a caller may keep the last output, as classifier-free guidance does with its cond output);
-- the signature of a call: every tensor input's shape, strides, dtype and device, the address of every
-  weight (weights are read in place, so new weights capture anew), and every Python number;
+- the signature of a call: every data input's shape, strides, dtype and device, and every Python number;
+  the weights are read in place, so a graph also checks that every weight still has the address it was
+  captured with (one C++ call for all of them where torch has it: a model has a thousand weights, and a
+  Python loop over them costs a millisecond per call) and captures anew when one moved;
 - at most `max_graphs` graphs per step: past that the least recently used one goes, and its memory with it;
 - a step that cannot be graphed runs eagerly from then on, with one warning that says why: an input on
   the CPU (a Python float that Dynamo lifted into a tensor would be frozen into the graph: pass it as a
@@ -37,6 +39,7 @@ class _Graph:
     replay: Callable[[], None]
     buffers: dict  # input position -> the tensor the graph reads
     outputs: Sequence
+    weight_addresses: list  # the weights' data pointers the graph reads, in `CudaGraphStep.weight_positions` order
 
 
 def capture_cuda_graph(function: Callable, inputs: list) -> tuple[Callable[[], None], Sequence]:
@@ -59,6 +62,8 @@ class CudaGraphStep:
                  capturer: Callable = capture_cuda_graph, device_type: str = "cuda"):
         self.compiled = compiled
         self.weights = set(weights)
+        self.weight_positions = sorted(self.weights)
+        self._data_positions_for: tuple = (None, [])  # (input count, the positions that are not weights)
         self.name = name
         self.max_graphs = max_graphs
         self.capturer = capturer
@@ -74,6 +79,10 @@ class CudaGraphStep:
             return self.compiled(*args)
         key = self.signature(args)
         entry = self.graphs.get(key)
+        if entry is not None and not self.same_weights(args, entry):
+            del self.graphs[key]  # it reads the old weights: run as compiled once with the new, then capture
+            self.seen.discard(key)
+            entry = None
         if entry is None:
             if key not in self.seen:
                 self.seen.add(key)
@@ -102,13 +111,27 @@ class CudaGraphStep:
 
     def signature(self, args) -> tuple:
         key = []
-        for position, value in enumerate(args):
+        for position in self._data_positions(len(args)):
+            value = args[position]
             if isinstance(value, torch.Tensor):
-                key.append((tuple(value.shape), value.stride(), value.dtype, value.device,
-                            value.data_ptr() if position in self.weights else None))
+                key.append((tuple(value.shape), value.stride(), value.dtype, value.device))
             else:
                 key.append(value)
         return tuple(key)
+
+    def _data_positions(self, count: int) -> list:
+        if self._data_positions_for[0] != count:
+            self._data_positions_for = (count, [p for p in range(count) if p not in self.weights])
+        return self._data_positions_for[1]
+
+    def weight_addresses(self, args) -> list:
+        return [args[position].data_ptr() for position in self.weight_positions]
+
+    def same_weights(self, args, entry: _Graph) -> bool:
+        check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+        if check is not None:
+            return check(list(args), entry.weight_addresses, self.weight_positions)
+        return self.weight_addresses(args) == entry.weight_addresses
 
     def cannot_graph(self, args) -> Optional[str]:
         for position, value in enumerate(args):
@@ -124,7 +147,7 @@ class CudaGraphStep:
         inputs = [buffers.get(position, value) for position, value in enumerate(args)]
         replay, outputs = self.capturer(self.compiled, inputs)
         self.captures += 1
-        return _Graph(replay, buffers, outputs)
+        return _Graph(replay, buffers, outputs, self.weight_addresses(args))
 
     def disable(self, reason: str) -> None:
         self.disabled = reason
