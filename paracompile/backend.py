@@ -22,7 +22,7 @@ from paracompile.passes.shard_batch import shard_batch
 from paracompile.passes.shard_tokens import attention_nodes, self_attention_head_counts, shard_tokens
 from paracompile.passes.trace_to_aten import trace_to_aten
 from paracompile.passes.ulysses_attention import rewrite_attention
-from paracompile.runtime import InputCheck, guarded
+from paracompile.runtime import InputCheck, guarded, model_state_positions
 
 logger = logging.getLogger("paracompile")
 
@@ -125,9 +125,6 @@ def with_cuda_graphs(compiled: Callable, gm: fx.GraphModule, example_inputs: lis
         warnings.warn(f"paracompile: cuda_graphs is on, but {name} takes no CUDA tensors; it runs without CUDA "
                       "graphs", stacklevel=3)
         return compiled
-    names = [str(node.target) for node in gm.graph.nodes if node.op == "placeholder"]
-    # The model's own state (parameters, buffers) is read in place; its address is part of a graph's key.
-    weights = {i for i, (placeholder, value) in enumerate(zip(names, example_inputs))
-               if isinstance(value, torch.nn.Parameter) or placeholder.startswith("L_self_")
-               or "_parameters_" in placeholder or "_buffers_" in placeholder}
-    return CudaGraphStep(compiled, weights, name)
+    names = [node.target for node in gm.graph.nodes if node.op == "placeholder"]
+    # The model's own state (parameters, buffers) is read in place; a graph checks it has not moved.
+    return CudaGraphStep(compiled, set(model_state_positions(names, example_inputs)), name)

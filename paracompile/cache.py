@@ -43,7 +43,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from paracompile.runtime import IdentityWeakMap, RanksDisagreeError
+from paracompile.runtime import IdentityWeakMap, RanksDisagreeError, collective_device
 
 # Per model, by its first weight (the tensor object, held weakly: a new model never inherits a freed one's
 # state through a reused address), then by state key: CacheState.
@@ -73,12 +73,6 @@ def cache_stats() -> list[dict]:
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def plan_hash(signature: str) -> float:
@@ -118,10 +112,11 @@ class CacheState:
         self.resets_seen = _resets[0]
 
 
-# The columns of one rank's row in the decision's table.
+# The columns of one rank's row in the decision's table: flags, then for each of the (at most 2) candidate
+# slots whether it may hit, then for each its sum|r - r_prev| and sum|r_prev|.
 _RESET, _PLAN, _HAS_TIMESTEP, _TIMESTEP = 0, 1, 2, 3
-_CANDIDATES = 4  # then, per candidate slot (2): may hit, sum|r - r_prev|, sum|r_prev|
-_ROW = _CANDIDATES + 2 * 3
+_ELIGIBLE, _SUMS = 4, 6
+_ROW = _SUMS + 2 * 2
 
 
 class FirstBlockCache:
@@ -219,11 +214,11 @@ class FirstBlockCache:
         position, new_generation = self._advance(state, timesteps[0])
         if new_generation or position not in candidates or any(row[_RESET] for row in table) or state.disabled:
             return position, False
-        column = _CANDIDATES + 3 * candidates.index(position)
-        if not all(row[column] for row in table):
+        candidate = candidates.index(position)
+        if not all(row[_ELIGIBLE + candidate] for row in table):
             return position, False  # some rank's slot is not ready (warm-up, shapes, hits in a row)
-        different = sum(row[column + 1] for row in table)
-        total = sum(row[column + 2] for row in table)
+        different = sum(row[_SUMS + 2 * candidate] for row in table)
+        total = sum(row[_SUMS + 2 * candidate + 1] for row in table)
         return position, total > 0 and different / total < self.threshold
 
     def _table(self, state, timestep, host_value, residual, shape_key, candidates) -> list[list[float]]:
@@ -241,16 +236,12 @@ class FirstBlockCache:
                          previous.abs().sum(dtype=torch.float32)]
             else:
                 sums += [residual.new_zeros((), dtype=torch.float32)] * 2
-        local = torch.tensor(row, dtype=torch.float64, device=device)
+        local = torch.cat([torch.tensor(row, dtype=torch.float64, device=device), torch.stack(sums).to(torch.float64)])
         if timestep is not None and host_value is None:
             local[_TIMESTEP] = timestep.reshape(-1)[0].to(torch.float64)
-        sums = torch.stack(sums).to(torch.float64)
-        # Interleave: [flags..., eligible_a, diff_a, total_a, eligible_b, diff_b, total_b].
-        per_candidate = torch.stack([local[_CANDIDATES:_CANDIDATES + 2], sums[0::2], sums[1::2]], dim=1).reshape(-1)
-        local = torch.cat([local[:_CANDIDATES], per_candidate])
         if self.world_size == 1:
             return [local.tolist()]
-        device = _collective_device()
+        device = collective_device()
         gathered = torch.empty(self.world_size * _ROW, dtype=torch.float64, device=device)
         dist.all_gather_into_tensor(gathered, local.to(device))
         values = gathered.tolist()

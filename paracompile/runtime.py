@@ -45,6 +45,15 @@ def readable_input_name(placeholder_name: str) -> str:
     return name.replace("self_", "self.", 1) if name.startswith("self_") else name
 
 
+def model_state_positions(names: Sequence[str], example_inputs: Sequence = ()) -> list[int]:
+    """The positions of the inputs that are the model's own state (parameters, buffers), by Dynamo's
+    placeholder names (`L_self_...`, `..._parameters_...`, `..._buffers_...`) or by being a Parameter."""
+    values = list(example_inputs) + [None] * (len(names) - len(example_inputs))
+    return [i for i, (name, value) in enumerate(zip(map(str, names), values))
+            if isinstance(value, torch.nn.Parameter) or name.startswith("L_self_")
+            or "_parameters_" in name or "_buffers_" in name]
+
+
 class InputCheck:
     """Compares the inputs of a compiled graph's calls across the ranks (see the module docstring).
 
@@ -56,8 +65,7 @@ class InputCheck:
         self.mode = mode
         self.tensors = [i for i, value in enumerate(example_inputs) if isinstance(value, torch.Tensor)]
         self.names = [readable_input_name(name) for name in names]
-        self.static = {i for i in self.tensors
-                       if isinstance(example_inputs[i], torch.nn.Parameter) or "_buffers_" in str(names[i])}
+        self.static = set(model_state_positions(names, example_inputs)) & set(self.tensors)
         self.data = [i for i in self.tensors if i not in self.static]
         self.key_names = tuple(sorted(str(names[i]) for i in self.tensors))
 
@@ -117,7 +125,8 @@ class CallCounts:
 _CALLS = CallCounts()
 
 
-def _collective_device() -> torch.device:
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: the current CUDA device under NCCL, else the CPU."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -150,7 +159,7 @@ def _sums(entries, device: torch.device) -> torch.Tensor:
 
 def verify_same_on_every_rank(entries: list) -> None:
     """Raises RanksDisagreeError on every rank when the ranks' `entries` ((name, tensor) pairs) differ."""
-    device = _collective_device()
+    device = collective_device()
     structure = _structure(entries)
     digest = _structure_hash(structure)
     extremes = torch.tensor([digest, -digest], dtype=torch.int64, device=device)

@@ -41,6 +41,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from paracompile.explain import describe_node
 from paracompile.options import Options
+from paracompile.runtime import model_state_positions, readable_input_name
 
 logger = logging.getLogger("paracompile")
 aten = torch.ops.aten
@@ -718,7 +719,7 @@ def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, opt
              for name, graph in ((HEAD, split.head), (REST, split.rest), (TAIL, split.tail))}
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     # Inputs named after the module's state are its weights; the others are the call's data.
-    weights = [i for i, node in enumerate(placeholders) if str(node.target).startswith("L_self_")]
+    weights = model_state_positions([node.target for node in placeholders])
     # By name, in a fixed order: every graph of the model lists the same tensors, whatever else it takes.
     data_inputs = sorted((i for i in range(len(placeholders)) if i not in weights),
                          key=lambda i: str(placeholders[i].target))
@@ -757,10 +758,9 @@ def _check_timestep_found(plan: CachePlan, options: Options, gm: fx.GraphModule)
     arguments = _frame_arguments()
     if options.timestep_arg in arguments:
         return
-    from paracompile.runtime import readable_input_name
-
-    inputs = [readable_input_name(node.target) for node in gm.graph.nodes
-              if node.op == "placeholder" and not str(node.target).startswith("L_self_")]
+    placeholders = [node.target for node in gm.graph.nodes if node.op == "placeholder"]
+    state = set(model_state_positions(placeholders))
+    inputs = [readable_input_name(name) for i, name in enumerate(placeholders) if i not in state]
     candidates = sorted(set(arguments) | {name for name in inputs if name.isidentifier()})
     raise ValueError(
         f"paracompile: option 'timestep_arg' is {options.timestep_arg!r}, but the compiled graph has no input of "

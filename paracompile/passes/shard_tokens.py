@@ -462,6 +462,11 @@ class TokenShardingRewriter:
                 return False
         return True
 
+    def _written_nodes(self, node: fx.Node) -> list[fx.Node]:
+        """The tensors `node` writes into."""
+        arguments = OpView(node, self.layout_of).args
+        return [arguments[name] for name in _written_arguments(node) if is_tensor_node(arguments[name])]
+
     def _is_true_view(self, node: fx.Node) -> bool:
         return node not in self.alias_parent or node in self.true_views
 
@@ -473,7 +478,7 @@ class TokenShardingRewriter:
 
     def _write_into_full_tensor(self, node: fx.Node) -> None:
         """Runs the in-place op `node` on the full tensor it writes into (see above)."""
-        written = [a for a in (OpView(node, self.layout_of).args[n] for n in _written_arguments(node)) if is_tensor_node(a)]
+        written = self._written_nodes(node)
         root = self.alias_root.get(written[0], written[0])
         if any(self.alias_root.get(w, w) is not root for w in written[1:]):
             raise NotImplementedError(f"paracompile: {describe_node(node)} writes into several tensors at once, and "
@@ -532,7 +537,7 @@ class TokenShardingRewriter:
     def _after_write(self, node: fx.Node) -> None:
         """After `node` wrote into the storage of some alias root: copies of its aliases are stale, and
         aliases that are not true views of the root are rebuilt from it."""
-        written = [a for a in (OpView(node, self.layout_of).args[n] for n in _written_arguments(node)) if is_tensor_node(a)]
+        written = self._written_nodes(node)
         for target in written:
             root = self.alias_root.get(target, target)
             for member in self.alias_members.get(root, [root]):
