@@ -34,6 +34,10 @@ calls (a later result wins, except a setup that did not run or was cut off by --
 names every host the results came from. On the device machine, benchmarks/run_compare.sh installs the
 wheels, sets the environment and copies the results to $OUT.
 
+`--interleaved --nproc N` hands the run to benchmarks/rounds.py: every setup in one process group of N ranks
+(any N; e.g. `--nproc 4 --setups inductor1,pc_ulysses,pc_ring,pc_u2r2,diffusers_ulysses,diffusers_ring,paraattn_ulysses`),
+timed in interleaved rounds, with each setup's round medians, spread, GPU busy time and kernels per step.
+
 `--tiny` is a dry run on a CPU: tiny configs, float32, gloo, paracompile with compiler="eager", peers
 compiled with backend="eager", inductor1 through Inductor with scalar C++ kernels; setups that need CUDA
 (diffusers' native CP, para-attn's ring) are skipped.
@@ -643,6 +647,20 @@ def merge_files(args) -> None:
     print(open(write_report(report, args.out)).read())
 
 
+def interleaved(args) -> None:
+    """The same workloads, timed by benchmarks/rounds.py in one process group of any size."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               os.path.join(REPO, "benchmarks", "rounds.py"), "--workload", args.workload, "--setups", args.setups,
+               "--rounds", str(args.rounds), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--out", args.out]
+    for flag, value in (("--blocks", args.blocks), ("--paracompile-options", args.paracompile_options)):
+        if value:
+            command += [flag, value]
+    if args.tiny:
+        command.append("--tiny")
+    raise SystemExit(subprocess.call(command, cwd=REPO))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", choices=["flux", "wan"], default="flux")
@@ -669,8 +687,16 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="start a new table instead of merging into --out's")
     parser.add_argument("--merge", nargs="+", default=None, help="only merge these compare_*.json into --out")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved", action="store_true",
+                        help="run benchmarks/rounds.py instead: every setup in one process group of --nproc ranks, "
+                             "timed in interleaved rounds (A B C A B C ...); --setups then takes rounds.py's names "
+                             "(inductor1, pc_ulysses, pc_ring, pc_u2r2, diffusers_ulysses, paraattn_ulysses, ...)")
+    parser.add_argument("--nproc", type=int, default=2, help="with --interleaved: ranks (GPUs), any number")
+    parser.add_argument("--rounds", type=int, default=5, help="with --interleaved: rounds (at least 3 to rank setups)")
     args = parser.parse_args()
-    if args.worker:
+    if args.interleaved:
+        interleaved(args)
+    elif args.worker:
         worker(args)
     elif args.merge:
         merge_files(args)

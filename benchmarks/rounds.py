@@ -15,6 +15,7 @@ Workloads, random weights and inputs are benchmarks/compare.py's (FLUX.1-dev at 
 | pc_u2r2 | paracompile with {"ulysses": 2, "ring": world / 2} |
 | ..._c2, ..._c4 | the same with `ulysses_chunks` 2 or 4 (each chunk's exchange overlaps another's attention) |
 | ..._graphs | the same with `cuda_graphs=True` (paracompile/cuda_graphs.py) |
+| ..._reorder, ..._ovs | the same with Inductor's compute/communication reordering passes / its overlap scheduler |
 | diffusers_ulysses, diffusers_ring | diffusers' native context parallelism over all ranks, then `torch.compile` (its own model copy) |
 | paraattn_ulysses | para-attn 0.3.38 (with benchmarks/paraattn_shim.py), then `torch.compile` (its own model copy) |
 
@@ -46,6 +47,14 @@ from compare import build_inputs, build_model, versions, workload_spec  # benchm
 
 GiB = 1024 ** 3
 
+# Setup-name suffixes that patch Inductor's config: its compute/communication reordering passes.
+INDUCTOR_VARIANTS = {
+    "reorder": {"reorder_for_compute_comm_overlap": True,
+                "reorder_for_compute_comm_overlap_passes": ["reorder_compute_for_overlap", "sink_waits",
+                                                            "raise_comms"]},
+    "ovs": {"aten_distributed_optimizations.enable_overlap_scheduling": True},
+}
+
 
 def make_setup(name: str, model_for, world: int, args, device):
     """(callable, the ranks that run it, facts) for one setup name."""
@@ -67,6 +76,9 @@ def make_setup(name: str, model_for, world: int, args, device):
         mesh = {"ulysses": {"ulysses": world}, "ring": {"ring": world},
                 "u2r2": {"ulysses": 2, "ring": world // 2}}[kind]
         options = {"mesh": mesh, "cuda_graphs": graphs, "ulysses_chunks": chunks}
+        for part in parts:
+            if part in INDUCTOR_VARIANTS:
+                options.setdefault("inductor", {}).update(INDUCTOR_VARIANTS[part])
         if args.tiny:
             options.update(compiler="eager", cuda_graphs=False)
         options.update(json.loads(args.paracompile_options or "{}"))
@@ -96,7 +108,7 @@ def make_setup(name: str, model_for, world: int, args, device):
     raise ValueError(f"unknown setup {name!r}")
 
 
-def profile(run, steps: int) -> dict:
+def profile(run, steps: int, trace_path: str | None = None) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
 
@@ -106,6 +118,18 @@ def profile(run, steps: int) -> dict:
             run()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+    gap_summary = {}
+    if trace_path is not None:
+        import gzip
+        import shutil
+
+        from gaps import load, summarize
+
+        prof.export_chrome_trace(trace_path)
+        gap_summary = {"gaps": summarize(load(trace_path), steps)}
+        with open(trace_path, "rb") as source, gzip.open(trace_path + ".gz", "wb") as target:
+            shutil.copyfileobj(source, target)
+        os.remove(trace_path)
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy, end = 0.0, float("-inf")
@@ -115,7 +139,7 @@ def profile(run, steps: int) -> dict:
             end = stop
     nccl = sum(e.time_range.elapsed_us() for e in kernels if "nccl" in e.name.lower())
     return dict(gpu_busy_ms=round(busy / 1000 / steps, 3), kernels_per_step=round(len(kernels) / steps, 1),
-                nccl_ms=round(nccl / 1000 / steps, 3))
+                nccl_ms=round(nccl / 1000 / steps, 3), **gap_summary)
 
 
 def main() -> None:
@@ -129,6 +153,8 @@ def main() -> None:
     parser.add_argument("--blocks", default=None, help="FLUX: 'double,single'; Wan: 'blocks'")
     parser.add_argument("--paracompile-options", default=None, help="JSON merged into every pc_ setup's options")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--trace", default="", help="comma list of setups whose profile is saved as a Chrome trace "
+                        "(--out/trace_<setup>.json.gz) and read for idle gaps (benchmarks/gaps.py)")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
 
@@ -217,7 +243,10 @@ def main() -> None:
     for name, call in setups.items():
         sync()
         if rank == 0:
-            results[name].update(profile(call, args.profile_steps))
+            trace = os.path.join(args.out, f"trace_{name}.json") if name in args.trace.split(",") else None
+            if trace:
+                os.makedirs(args.out, exist_ok=True)
+            results[name].update(profile(call, args.profile_steps, trace))
         else:
             for _ in range(args.profile_steps):
                 call()

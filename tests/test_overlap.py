@@ -1,5 +1,5 @@
 """Ulysses with its heads in chunks (`ulysses_chunks`): every chunk's exchange is issued before the
-attention it should overlap. Outputs against single-process eager on 2 ranks (even, uneven, masked, a
+attention it should overlap; plain Ulysses runs independent matrix products under its exchanges. Outputs against single-process eager on 2 ranks (even, uneven, masked, a
 per-head mask), the report line, and, through Inductor, the order of collectives and attention kernels in
 the generated code: an exchange is in flight while an attention kernel runs.
 """
@@ -34,6 +34,26 @@ class PerHeadMask(nn.Module):
         positions = torch.arange(x.shape[1], device=x.device, dtype=x.dtype)
         bias = -(positions[None, :] - positions[:, None]).abs() * self.slopes[:, None, None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None]).transpose(1, 2).flatten(2)
+
+
+class ParallelBlock(nn.Module):
+    """A FLUX single block: the MLP branch and attention read the same normalised input, and one projection
+    reads both. The MLP's input projection does not depend on the exchanges, so it can run under one."""
+
+    def __init__(self, width=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.mlp_in = nn.Linear(width, 4 * width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(5 * width, width)
+
+    def forward(self, x):
+        h = self.norm(x)
+        mlp = F.gelu(self.mlp_in(h), approximate="tanh")
+        q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return x + self.out(torch.cat([attended, mlp], dim=-1))
 
 
 SCENARIOS = {
@@ -77,6 +97,21 @@ def _scenarios(rank, world_size):
     except Exception:
         results["inductor"] = dict(error=traceback.format_exc())
     torch._dynamo.reset()
+    try:
+        from torch._inductor.utils import run_and_get_code
+
+        torch.manual_seed(0)
+        model = ParallelBlock().eval()
+        x = torch.randn(1, 64, 32)
+        with torch.no_grad():
+            expected = model(x)
+            compiled = torch.compile(model, backend="paracompile", options={
+                "mesh": {"ulysses": 2}, "inductor": {"cpp.vec_isa_ok": False}})
+            output, codes = run_and_get_code(lambda: compiled(x))
+        results["parallel_block"] = dict(error=None, output=output, expected=expected, code="\n".join(codes))
+    except Exception:
+        results["parallel_block"] = dict(error=traceback.format_exc())
+    torch._dynamo.reset()
     return results
 
 
@@ -85,7 +120,7 @@ def ranks():
     return run_on_ranks(_scenarios, 2, timeout=900)
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS) + ["inductor"])
+@pytest.mark.parametrize("name", list(SCENARIOS) + ["inductor", "parallel_block"])
 def test_chunked_ulysses_matches_eager(ranks, name):
     for rank, results in enumerate(ranks):
         result = results[name]
@@ -120,3 +155,21 @@ def test_generated_code_overlaps_an_exchange_with_attention(ranks):
         # inputs in flight.
         first = attends[0]
         assert calls[:first].count("send") > calls[:first].count("wait"), calls
+
+
+def test_generated_code_runs_a_matrix_product_under_a_ulysses_exchange(ranks):
+    """Plain Ulysses (one exchange per tensor, no chunks): Inductor's compute/communication reordering is on
+    for Ulysses graphs, so a matrix product that does not depend on an exchange runs while it is in flight.
+    Without it, every exchange is waited for right after it is issued."""
+    for result in ranks:
+        parallel = result["parallel_block"]
+        assert parallel["error"] is None, parallel["error"]
+        in_flight, overlapped = 0, []
+        for line in parallel["code"].splitlines():
+            if "_c10d_functional.all_to_all_single.default(" in line:
+                in_flight += 1
+            elif "_c10d_functional.wait_tensor.default(" in line and in_flight:
+                in_flight -= 1
+            elif "extern_kernels.addmm(" in line or "extern_kernels.mm(" in line:
+                overlapped.append(in_flight > 0)
+        assert any(overlapped), overlapped
