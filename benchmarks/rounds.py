@@ -206,6 +206,8 @@ def main() -> None:
             output = call()
             sync()
             result["first_call_s"] = round(time.perf_counter() - start, 1)
+            if rank == 0:
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: first call {result['first_call_s']} s", flush=True)
             for _ in range(max(args.warmup, 2)):
                 output = call()
             sync()
@@ -240,6 +242,9 @@ def main() -> None:
             slowest = torch.tensor(times, dtype=torch.float64, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             rounds[name].append(1000 * statistics.median(slowest.tolist()))
+    if rank == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] round medians (ms): "
+              + json.dumps({name: [round(m, 2) for m in medians] for name, medians in rounds.items()}), flush=True)
     for name, call in setups.items():
         sync()
         if rank == 0:

@@ -39,7 +39,7 @@ class _Graph:
     replay: Callable[[], None]
     buffers: dict  # input position -> the tensor the graph reads
     outputs: Sequence
-    weight_addresses: list  # the weights' data pointers the graph reads, in `CudaGraphStep.weight_positions` order
+    weight_addresses: list  # by input position: a weight's data pointer, None elsewhere
 
 
 def capture_cuda_graph(function: Callable, inputs: list) -> tuple[Callable[[], None], Sequence]:
@@ -125,13 +125,20 @@ class CudaGraphStep:
         return self._data_positions_for[1]
 
     def weight_addresses(self, args) -> list:
-        return [args[position].data_ptr() for position in self.weight_positions]
+        """Indexed by input position, as torch's check below reads it (cudagraph_trees' static_input_data_ptrs):
+        a list in weight order would compare each weight with another's address and fail on every call."""
+        addresses = [None] * len(args)
+        for position in self.weight_positions:
+            addresses[position] = args[position].data_ptr()
+        return addresses
 
     def same_weights(self, args, entry: _Graph) -> bool:
-        check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+        if len(args) != len(entry.weight_addresses):
+            return False
+        check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)  # CUDA builds
         if check is not None:
             return check(list(args), entry.weight_addresses, self.weight_positions)
-        return self.weight_addresses(args) == entry.weight_addresses
+        return all(args[p].data_ptr() == entry.weight_addresses[p] for p in self.weight_positions)
 
     def cannot_graph(self, args) -> Optional[str]:
         for position, value in enumerate(args):

@@ -121,6 +121,41 @@ def test_data_inputs_are_copied_in_and_new_weights_capture_anew():
     assert recorder.captures == 2
 
 
+class WeightsInTheMiddle:
+    """A step whose weights sit between data inputs, as Dynamo orders a model's inputs and parameters."""
+
+    def __init__(self):
+        self.executions = 0
+
+    def __call__(self, x, weight, bias, scale):
+        self.executions += 1
+        return ((x @ weight + bias) * scale,)
+
+
+def _reference_data_ptr_check(tensors, data_ptrs, indices):
+    """torch's C++ `_tensors_data_ptrs_at_indices_equal` (CUDA builds only), as cudagraph_trees calls it:
+    `data_ptrs` is indexed by input position, like `tensors`."""
+    return all(tensors[i].data_ptr() == data_ptrs[i] for i in indices)
+
+
+@pytest.mark.parametrize("with_torch_check", [True, False], ids=["torch-cpp-check", "python-check"])
+def test_weights_at_any_position_replay_without_capturing_again(monkeypatch, with_torch_check):
+    monkeypatch.setattr(torch._C, "_tensors_data_ptrs_at_indices_equal",
+                        _reference_data_ptr_check if with_torch_check else None, raising=False)
+    step = WeightsInTheMiddle()
+    recorder = Recorder(Step())  # records by calling the function it is given
+    graphed = CudaGraphStep(step, weights={1, 2}, name="the test step", capturer=recorder, device_type="cpu")
+    weight, bias = torch.randn(4, 3), torch.randn(3)
+    for call in range(6):
+        x = torch.randn(2, 4)
+        assert torch.allclose(graphed(x, weight, bias, 2.0)[0], (x @ weight + bias) * 2.0), call
+    assert recorder.captures == 1 and graphed.replays == 5, (recorder.captures, graphed.replays)
+    moved = bias.clone()
+    graphed(torch.randn(2, 4), weight, moved, 2.0)  # a weight moved: runs eagerly, then captures anew
+    graphed(torch.randn(2, 4), weight, moved, 2.0)
+    assert recorder.captures == 2
+
+
 def test_a_cpu_input_turns_graphs_off_with_a_warning():
     step = Step()
     graphed = CudaGraphStep(step, weights={0}, name="the test step", capturer=Recorder(step), device_type="cuda")
