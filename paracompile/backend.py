@@ -17,7 +17,9 @@ import torch.fx as fx
 
 from paracompile.explain import Report, describe_added_ops
 from paracompile.mesh import resolve_auto, resolve_mesh
+from paracompile.meta import attention_kind
 from paracompile.options import Options, inductor_patches, parse_options
+from paracompile.passes.first_block_cache import compile_with_first_block_cache
 from paracompile.passes.shard_batch import shard_batch
 from paracompile.passes.shard_tokens import attention_nodes, self_attention_head_counts, shard_tokens
 from paracompile.passes.trace_to_aten import trace_to_aten
@@ -26,7 +28,9 @@ from paracompile.runtime import InputCheck, guarded, model_state_positions
 
 logger = logging.getLogger("paracompile")
 
-# The most recent reports and rewritten graphs, newest last: for tests, and for users who want to look.
+# The most recent reports and rewritten graphs, newest last, bounded: for tests, and for users who want to
+# look (README, "Reading explain"). The only module state the backend keeps; passes get `record` callbacks
+# and never import this module.
 explanations: deque = deque(maxlen=32)
 rewritten_graphs: deque = deque(maxlen=8)
 
@@ -95,14 +99,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options, na
     if options.threshold > 0:
         # First Block Cache: splits the graph around the block loop and compiles each part through this
         # function again, with threshold 0 (passes/first_block_cache.py).
-        from paracompile.passes.first_block_cache import compile_with_first_block_cache
-        return compile_with_first_block_cache(gm, example_inputs, options, compile_graph)
+        return compile_with_first_block_cache(gm, example_inputs, options, compile_graph, explanations.append)
     if options.compiler == "eager":
         compiled = gm.forward
     else:
         from torch._inductor.compile_fx import compile_fx
 
-        patches = overlap_patches({node.meta.get("paracompile_attention") for node in gm.graph.nodes})
+        patches = overlap_patches({attention_kind(node) for node in gm.graph.nodes})
         patches.update(inductor_patches(options))
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
     if options.cuda_graphs:
@@ -111,7 +114,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options, na
 
 
 def overlap_patches(attention_kinds: set) -> dict[str, Any]:
-    """Inductor config for a graph with these rewritten attentions (the `paracompile_attention` meta).
+    """Inductor config for a graph with these rewritten attentions (their `meta.ATTENTION_KIND`).
 
     Ring attention and chunked Ulysses issue each transfer before the attention it should overlap, but
     Inductor's scheduler may order independent kernels either way: `raise_comms` and `sink_waits` start

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from paracompile.meta import NN_MODULE_STACK
+
 logger = logging.getLogger("paracompile")
 
 
@@ -13,7 +15,7 @@ def describe_node(node: fx.Node) -> str:
     """`name (aten op) in module.path`: enough to find the node in the model's source."""
     target = getattr(node.target, "__name__", str(node.target))
     where = ""
-    stack = node.meta.get("nn_module_stack")
+    stack = node.meta.get(NN_MODULE_STACK)
     if stack:
         path = list(stack.values())[-1][0]
         where = " in " + _readable_module_path(path)

@@ -20,6 +20,7 @@ of the world size that divides every self-attention head count, and Ring takes t
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -138,17 +139,35 @@ def _plan(world_size: int, degrees: dict, explicit: bool, layout: Optional[torch
     return MeshPlan(world_size, degrees, explicit, auto=auto, rank_layout=rank_layout, **groups)
 
 
-# Process groups are made once per rank layout: every rank must create every group, in the same order,
-# and recompiles must not create new ones.
-_GROUP_CACHE: dict[tuple, dict] = {}
+class _GroupRegistry:
+    """The process groups paracompile made, per default process group. Groups are made once per rank layout:
+    every rank must create every group, in the same order, and recompiles must not create new ones. A new
+    world (destroy_process_group, then init_process_group again, maybe at another rank) has its own groups:
+    the old names would point at destroyed groups, or at another rank's."""
+
+    def __init__(self):
+        self._owner = None  # a weak reference to the default group these groups belong to
+        self.by_layout: dict[tuple, dict] = {}
+        self.by_ranks: dict[tuple, str] = {}
+
+    def current(self) -> "_GroupRegistry":
+        default = dist.distributed_c10d._get_default_group()
+        if self._owner is None or self._owner() is not default:
+            self._owner = weakref.ref(default)
+            self.by_layout, self.by_ranks = {}, {}
+        return self
+
+
+_REGISTRY = _GroupRegistry()
 
 
 def _groups(rank_layout: tuple) -> dict:
     """This rank's group of every dim. A process group numbers its members in the order of their global
     ranks, whatever order they were listed in, so every index here is that order's; `ring_blocks` maps
     each ring position to the sequence ranks of its Ulysses group, in Ulysses order."""
-    if rank_layout in _GROUP_CACHE:
-        return _GROUP_CACHE[rank_layout]
+    made = _REGISTRY.current().by_layout
+    if rank_layout in made:
+        return made[rank_layout]
     layout = torch.tensor(rank_layout)
     batch, ring, ulysses = layout.shape
     me = dist.get_rank()
@@ -169,22 +188,20 @@ def _groups(rank_layout: tuple) -> dict:
     groups["ring_blocks"] = tuple(
         tuple(members["sequence"].index(member) for member in ulysses_group_of[peer])
         for peer in members["ring"])
-    _GROUP_CACHE[rank_layout] = groups
+    made[rank_layout] = groups
     return groups
-
-
-_GROUPS_BY_RANKS: dict[tuple, str] = {}
 
 
 def _group_name(ranks_per_group: list[list[int]]) -> str:
     """The name of this rank's group among `ranks_per_group` (a partition of the world), creating the
     groups on first use. The default group serves where one group holds the world in rank order."""
     key = tuple(tuple(group) for group in ranks_per_group)
-    if key not in _GROUPS_BY_RANKS:
+    names = _REGISTRY.current().by_ranks
+    if key not in names:
         if len(key) == 1 and list(key[0]) == list(range(dist.get_world_size())):
             name = dist.distributed_c10d._get_default_group().group_name
         else:
             mine, _ = dist.new_subgroups_by_enumeration([list(group) for group in key])
             name = mine.group_name
-        _GROUPS_BY_RANKS[key] = name
-    return _GROUPS_BY_RANKS[key]
+        names[key] = name
+    return names[key]

@@ -125,20 +125,14 @@ def test_shards_in_padded_rank_major_order_round_trip_to_global_order(segments):
 def fake_world():
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    import paracompile.mesh as mesh
-
     def join(rank: int, world_size: int):
         if dist.is_initialized():
             dist.destroy_process_group()
-        mesh._GROUP_CACHE.clear()
-        mesh._GROUPS_BY_RANKS.clear()
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
 
     yield join
     if dist.is_initialized():
         dist.destroy_process_group()
-    mesh._GROUP_CACHE.clear()
-    mesh._GROUPS_BY_RANKS.clear()
 
 
 @pytest.mark.parametrize("rank, ulysses_rank, ring_rank, sequence_rank", [(0, 0, 0, 0), (1, 1, 0, 1), (2, 0, 1, 2),
@@ -153,6 +147,20 @@ def test_ulysses_groups_are_consecutive_ranks_and_ring_groups_stride_over_them(f
     assert (plan.ulysses.rank, plan.ring.rank, plan.sequence.rank) == (ulysses_rank, ring_rank, sequence_rank)
     assert plan.ring_blocks == ((0, 1), (2, 3))
     assert plan.describe_groups() == "ulysses groups [[0, 1], [2, 3]], ring groups [[0, 2], [1, 3]]"
+
+
+def test_a_new_world_gets_its_own_groups(fake_world):
+    """Groups are made once per world: after destroy_process_group and a new init (here at another rank),
+    the groups of the old world must not be reused."""
+    from paracompile.mesh import resolve_mesh
+
+    fake_world(1, 4)
+    before = resolve_mesh({"ulysses": 2, "ring": 2})
+    assert resolve_mesh({"ulysses": 2, "ring": 2}).ulysses is before.ulysses  # made once per world
+    fake_world(2, 4)
+    after = resolve_mesh({"ulysses": 2, "ring": 2})
+    assert (after.ulysses.rank, after.ring.rank, after.sequence.rank) == (0, 1, 2)
+    assert (before.ulysses.rank, before.ring.rank, before.sequence.rank) == (1, 0, 1)
 
 
 def test_batch_dim_is_outermost(fake_world):

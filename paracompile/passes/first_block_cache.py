@@ -39,8 +39,12 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from paracompile.cache import FirstBlockCache
 from paracompile.explain import describe_node
+from paracompile.meta import NN_MODULE_STACK
 from paracompile.options import Options
+from paracompile.passes.fake_propagation import propagate_fake_values
+from paracompile.passes.trace_to_aten import trace_to_aten
 from paracompile.runtime import model_state_positions, readable_input_name
 
 logger = logging.getLogger("paracompile")
@@ -90,7 +94,7 @@ def module_path(dynamo_path: str) -> tuple[str, ...]:
 
 def block_of(node: fx.Node) -> Optional[tuple[tuple[str, ...], int]]:
     """(list path, child index) of the outermost list child this node runs in, or None."""
-    stack = node.meta.get("nn_module_stack")
+    stack = node.meta.get(NN_MODULE_STACK)
     if not stack:
         return None
     for path, _ in stack.values():
@@ -684,14 +688,11 @@ def describe_plan(plan: CachePlan, options: Options) -> list[str]:
 
 
 def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, options: Options,
-                                   compile_graph: Callable) -> Callable:
+                                   compile_graph: Callable, record: Callable[[str], None]) -> Callable:
     """Compiles `gm` (Dynamo's graph at world size 1, the final aten graph otherwise) with the cache, or
-    without it (and with a warning) when the graph has no block loop to cache."""
-    import paracompile.backend as backend
-    from paracompile.cache import FirstBlockCache
-    from paracompile.passes.fake_propagation import propagate_fake_values
-    from paracompile.passes.trace_to_aten import trace_to_aten
-
+    without it (and with a warning) when the graph has no block loop to cache. `compile_graph` compiles
+    each part (the backend's, with threshold 0); `record` keeps the cache's report (the backend's registry
+    of explanations)."""
     plain_options = dataclasses.replace(options, threshold=0.0)
     if not _is_aten_graph(gm):
         gm = trace_to_aten(gm, example_inputs)
@@ -706,13 +707,13 @@ def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, opt
     except CacheUnavailable as error:
         warnings.warn(f"paracompile: threshold {options.threshold:g} but no First Block Cache for this graph: "
                       f"{error}; compiling it without the cache", stacklevel=2)
-        backend.explanations.append(f"first block cache: off ({error})")
+        record(f"first block cache: off ({error})")
         return compile_graph(gm, example_inputs, plain_options)
 
     _check_timestep_found(plan, options, gm)
     split = split_graph(gm, plan)
     report = "\n".join(describe_plan(plan, options))
-    backend.explanations.append(report)
+    record(report)
     if options.explain:
         logger.warning(report)
     parts = {name: compile_graph(graph, split.example_values[name], plain_options, name=f"the cache's {name} part")

@@ -34,6 +34,7 @@ import torch.fx as fx
 
 from paracompile import collectives
 from paracompile.explain import describe_node
+from paracompile.meta import mark_attention
 from paracompile.passes.token_layout import same_size
 
 aten = torch.ops.aten
@@ -212,8 +213,7 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
     if query_length is not None:
         output = builder.narrow(output, token_dim, 0, query_length)
     # Later passes (First Block Cache) find attention, and the module it belongs to, by these.
-    output.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-    output.meta["paracompile_attention"] = "ring"
+    mark_attention(output, node, "ring")
     if ulysses_size > 1:
         output = collectives.scatter_tokens_gather_heads(builder, output, head_dim, token_dim, ulysses)
         output = collectives.unpad_chunks(builder, output, query_layout, sequence)

@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from paracompile.collectives import ProcessGroupInfo
 from paracompile.explain import Report, describe_node
+from paracompile.meta import copy_origin
 from paracompile.passes.fake_propagation import propagate_fake_values
 from paracompile.passes.sharding_rules import OpView
 from paracompile.passes.shard_tokens import attention_nodes, find_axis_sources, shard_tokens
@@ -68,6 +69,6 @@ def batch_local_attention(rewriter, node: fx.Node) -> None:
         else:
             args["attn_mask"] = rewriter.replicated(mask, name)
     new = rewriter._emit(node.target, args)
-    new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    copy_origin(new, node)
     rewriter.bind_sharded(node, new, layout)
     rewriter.report.attention.append(f"{name}: batch rows split over {rewriter.group.size} ranks")

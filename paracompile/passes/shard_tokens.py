@@ -29,6 +29,7 @@ from paracompile import collectives
 from paracompile.collectives import ProcessGroupInfo, SegmentArithmetic
 from paracompile.explain import Report, describe_node
 from paracompile.graph_builder import GraphBuilder
+from paracompile.meta import copy_origin
 from paracompile.passes.sharding_rules import (ANY, NOT_TOKEN_LOCAL, WHY_NOT_LOCAL, OpView, Sharding, is_tensor_node, rule_for)
 from paracompile.passes.token_layout import TokenLayout, same_size
 
@@ -378,8 +379,7 @@ class TokenShardingRewriter:
         args = tuple(map_arg(a) for a in node.args)
         kwargs = {k: map_arg(v) for k, v in node.kwargs.items()}
         new = self.graph.create_node(node.op, node.target, args, kwargs, name=node.name)
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
-        return new
+        return copy_origin(new, node)
 
     def _emit_sharded(self, node: fx.Node, sharding: Sharding) -> None:
         view = OpView(node, self.layout_of)
@@ -400,7 +400,7 @@ class TokenShardingRewriter:
             args = sharding.patch(self.builder, args, LocalShard(self.builder, layout, self.group))
             target = args.pop("__target__", target)
         new = self._emit(target, args)
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        copy_origin(new, node)
         self._after_write(node)
         self._track_alias(node, new)
         if sharding.output is None:

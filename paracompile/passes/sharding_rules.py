@@ -14,7 +14,6 @@ torch/distributed/tensor/_ops/ (DTensor's sharding propagation).
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 

@@ -21,11 +21,12 @@ import torch.fx.traceback as fx_traceback
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from paracompile.passes.fake_propagation import remember_scalar_reads
+from paracompile.meta import EXAMPLE_VALUE
 
 
 def trace_to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-    fake_inputs = [node.meta["example_value"] for node in placeholders]
+    fake_inputs = [node.meta[EXAMPLE_VALUE] for node in placeholders]
     scalar_reads = [getattr(value, "item_memo", None) if isinstance(value, torch.Tensor) else None
                     for value in fake_inputs]
 

@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from paracompile import collectives
 from paracompile.explain import describe_node
+from paracompile.meta import copy_origin, mark_attention
 from paracompile.passes.ring_attention import mask_to_query_heads, ring_attention
 from paracompile.passes.sharding_rules import OpView
 from paracompile.passes.token_layout import known_divisible, same_size
@@ -34,12 +35,11 @@ class HeadCountError(ValueError):
 
 def rewrite_attention(rewriter, node: fx.Node, ulysses_chunks: int = 1) -> None:
     view = OpView(node, rewriter.layout_of)
-    query, key, value, mask = view["query"], view["key"], view["value"], view["attn_mask"]
+    query, key = view["query"], view["key"]
     layouts = [view.layout(name) for name in ("query", "key", "value")]
     ndim = len(view.shape(query))
     token_dim, head_dim = ndim - 2, ndim - 3
     name = describe_node(node)
-    group = rewriter.group
 
     def fallback(reason: str) -> None:
         args = {k: v for k, v in view.args.items()}
@@ -47,7 +47,7 @@ def rewrite_attention(rewriter, node: fx.Node, ulysses_chunks: int = 1) -> None:
             if isinstance(args[tensor_name], fx.Node):
                 args[tensor_name] = rewriter.replicated(args[tensor_name], f"{name}: {reason}")
         new = rewriter._emit(node.target, args)
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        copy_origin(new, node)
         rewriter.bind_replicated(node, new)
         rewriter.report.attention.append(f"{name}: replicated ({reason})")
 
@@ -93,7 +93,6 @@ def rewrite_attention(rewriter, node: fx.Node, ulysses_chunks: int = 1) -> None:
 
 
 def _local_attention(rewriter, node, view, query_layout) -> None:
-    builder = rewriter.builder
     args = dict(view.args)
     args["query"] = rewriter.sharded(view["query"], query_layout, describe_node(node))
     for name in ("key", "value"):
@@ -196,9 +195,7 @@ def _attend(rewriter, node, view, query, key, value, mask, enable_gqa, kind: str
     args = dict(view.args)
     args.update(query=query, key=key, value=value, attn_mask=mask, enable_gqa=enable_gqa)
     output = rewriter._emit(node.target, args)
-    output.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-    output.meta["paracompile_attention"] = kind
-    return output
+    return mark_attention(output, node, kind)
 
 
 def _fused_exchange(rewriter, node, view, local, query_layout, key_layout, value_layout, local_mask, chunks,
