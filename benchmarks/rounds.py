@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--blocks", default=None, help="FLUX: 'double,single'; Wan: 'blocks'")
     parser.add_argument("--paracompile-options", default=None, help="JSON merged into every pc_ setup's options")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--watchdog", type=float, default=0,
+                        help="seconds: while the rounds run, every rank prints its threads' stacks this often")
     parser.add_argument("--trace", default="", help="comma list of setups whose profile is saved as a Chrome trace "
                         "(--out/trace_<setup>.json.gz) and read for idle gaps (benchmarks/gaps.py)")
     parser.add_argument("--out", default=".")
@@ -228,8 +230,15 @@ def main() -> None:
             del setups[name]
             result.setdefault("error", "failed on another rank")
 
+    if args.watchdog:
+        # A stuck round (a hang between process groups, a recompile) shows where every rank is.
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.watchdog, repeat=True, exit=False)
     rounds = {name: [] for name in setups}
-    for _ in range(args.rounds):
+    for index in range(args.rounds):
+        if rank == 0:
+            print(f"[{time.strftime('%H:%M:%S')}] round {index + 1} of {args.rounds}", flush=True)
         for name, call in setups.items():
             times = []
             for _ in range(args.steps):
@@ -242,6 +251,8 @@ def main() -> None:
             slowest = torch.tensor(times, dtype=torch.float64, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             rounds[name].append(1000 * statistics.median(slowest.tolist()))
+    if args.watchdog:
+        faulthandler.cancel_dump_traceback_later()
     if rank == 0:
         print(f"[{time.strftime('%H:%M:%S')}] round medians (ms): "
               + json.dumps({name: [round(m, 2) for m in medians] for name, medians in rounds.items()}), flush=True)

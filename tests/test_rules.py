@@ -16,6 +16,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from paracompile import collectives
 from paracompile.collectives import ProcessGroupInfo, SegmentArithmetic
 from paracompile.graph_builder import GraphBuilder
+from paracompile.passes import sharding_rules
 from paracompile.passes.sharding_rules import OpView, rule_for
 from paracompile.passes.token_layout import TokenLayout
 
@@ -115,6 +116,47 @@ def test_shards_in_padded_rank_major_order_round_trip_to_global_order(segments):
     for g, shard in zip(group, shards):
         assert torch.equal(_run(lambda b, x, g=g: collectives.unpad_chunks(
             b, collectives.pad_to_chunks(b, x, 3, layout, g), layout, g), shard), shard)
+
+
+# ----------------------------------------------------------------------------------------------
+# The op registry: one table keyed by OpOverload
+
+
+def test_the_registry_is_keyed_by_overload_and_a_packet_stands_for_every_overload():
+    assert all(isinstance(op, torch._ops.OpOverload) for op in sharding_rules.REGISTRY)
+    pointwise = sharding_rules.REGISTRY[aten.add.Tensor].rule
+    assert pointwise is not None and sharding_rules.REGISTRY[aten.add.Scalar].rule is pointwise
+    assert sharding_rules.overloads(aten.mm) == [getattr(aten.mm, name) for name in aten.mm.overloads()]
+
+
+@pytest.mark.parametrize("op, fact, expected", [
+    (aten._scaled_dot_product_cudnn_attention.default, sharding_rules.is_attention_kernel, True),
+    (aten.logsumexp.default, sharding_rules.is_attention_kernel, True),  # ring attention's exact fp32 path
+    (aten.mm.default, sharding_rules.is_attention_kernel, False),
+    (aten._to_copy.default, sharding_rules.passes_residual_through, True),
+    (aten.add.Tensor, sharding_rules.passes_residual_through, False),
+    (aten.sym_size.int, sharding_rules.is_size_query, True),
+    (aten.sym_size.int, sharding_rules.passes_residual_through, False),
+])
+def test_op_facts(op, fact, expected):
+    assert fact(op) is expected
+
+
+def test_why_an_op_runs_replicated():
+    assert sharding_rules.why_not_local(aten.conv2d.default) == "a convolution mixes neighbouring tokens"
+    assert sharding_rules.why_not_local(aten.mm.default) == "it contracts over the token axis, or both operands are sharded"
+    assert sharding_rules.why_not_local(aten.sort.default) is None  # unknown to the registry
+    assert sharding_rules.why_not_local("not an op") is None
+
+
+def test_the_registry_prints_sorted_and_refuses_what_it_cannot_hold():
+    lines = sharding_rules.describe_registry().splitlines()
+    assert lines == sorted(lines) and len(lines) == len(sharding_rules.REGISTRY)
+    assert "aten._scaled_dot_product_cudnn_attention.default: no rule, attention kernel" in lines
+    with pytest.raises(TypeError, match="no op fact"):
+        sharding_rules.classify(aten.mm.default, token_local=True)
+    with pytest.raises(TypeError, match="takes aten ops"):
+        sharding_rules.rule(len)(lambda view: None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,32 +44,16 @@ from paracompile.explain import describe_node
 from paracompile.meta import NN_MODULE_STACK
 from paracompile.options import Options
 from paracompile.passes.fake_propagation import propagate_fake_values
+from paracompile.passes.sharding_rules import is_attention_kernel, is_size_query, passes_residual_through
 from paracompile.passes.trace_to_aten import trace_to_aten
 from paracompile.runtime import model_state_positions, readable_input_name
 
 logger = logging.getLogger("paracompile")
 aten = torch.ops.aten
-# What attention becomes in the final graph: SDPA (Ulysses, local or replicated), the kernels ring attention
-# calls per step, or the log-sum-exp of ring attention's exact fp32 path.
-ATTENTION_OPS = {
-    aten.scaled_dot_product_attention.default, aten._scaled_dot_product_flash_attention.default,
-    aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_efficient_attention.default,
-    aten._scaled_dot_product_cudnn_attention.default, aten.logsumexp.default,
-}
-
 HEAD, REST, TAIL = "head", "rest", "tail"
 
-# Ops a residual stream passes through unchanged in value (up to dtype) and shape: following them back
-# from a block's output reaches the block's input.
-_PASSTHROUGH = {
-    aten.clone.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
-    aten.type_as.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
-    aten.clamp.default, aten.clip.default, aten.view.default, aten.reshape.default,
-}
 _RESIDUAL_ADD = {aten.add.Tensor, aten.add_.Tensor}
 _RESIDUAL_SUB = {aten.sub.Tensor, aten.sub_.Tensor}
-# Pure size arithmetic: recomputed in every part that needs it instead of crossing parts.
-_SIZE_OPS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
 
 
 class CacheUnavailable(Exception):
@@ -133,7 +117,7 @@ def find_block_region(nodes: list[fx.Node]) -> BlockRegion:
             positions[block] = (first, position)
     # By position, not by module stack: nodes the sharding passes create (ring attention's kernels, a
     # replicated fallback) have no stack, but run between their block's first and last node.
-    attention = [position for position, node in enumerate(nodes) if node.target in ATTENTION_OPS]
+    attention = [position for position, node in enumerate(nodes) if is_attention_kernel(node.target)]
     with_attention = {block[0] for block, (first, last) in positions.items()
                       if any(first <= position <= last for position in attention)}
     if not with_attention:
@@ -231,7 +215,7 @@ def residual_sources(node: fx.Node, stop: Callable[[fx.Node], bool]) -> list[tup
             for operand in operands:
                 if isinstance(operand, fx.Node) and _is_tensor(operand) and _same_shape_any_dtype(operand, current):
                     frontier.append((operand, window, True))
-        elif target in _PASSTHROUGH:
+        elif passes_residual_through(target):
             source = args[0]
             if isinstance(source, fx.Node) and _is_tensor(source) and _same_shape_any_dtype(source, current):
                 frontier.append((source, window, added))
@@ -349,7 +333,7 @@ def _is_size_node(node: fx.Node) -> bool:
     value = _val(node)
     if node.op != "call_function" or value is None or isinstance(value, (torch.Tensor, list, tuple)):
         return False
-    if isinstance(node.target, torch._ops.OpOverload) and node.target not in _SIZE_OPS:
+    if isinstance(node.target, torch._ops.OpOverload) and not is_size_query(node.target):
         return False
     return all(argument.op == "placeholder" or _is_size_node(argument) for argument in node.all_input_nodes)
 

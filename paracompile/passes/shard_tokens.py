@@ -30,7 +30,8 @@ from paracompile.collectives import ProcessGroupInfo, SegmentArithmetic
 from paracompile.explain import Report, describe_node
 from paracompile.graph_builder import GraphBuilder
 from paracompile.meta import copy_origin
-from paracompile.passes.sharding_rules import (ANY, NOT_TOKEN_LOCAL, WHY_NOT_LOCAL, OpView, Sharding, is_tensor_node, rule_for)
+from paracompile.passes.sharding_rules import (ANY, OpView, Sharding, is_size_query, is_tensor_node, rule_for,
+                                               why_not_local)
 from paracompile.passes.token_layout import TokenLayout, same_size
 
 aten = torch.ops.aten
@@ -358,17 +359,14 @@ class TokenShardingRewriter:
                               for i, t in enumerate(result)]
 
     def _why_not_local(self, node: fx.Node) -> str:
-        packet = getattr(node.target, "overloadpacket", None)
-        if packet in NOT_TOKEN_LOCAL:
-            return f"{describe_node(node)}: {NOT_TOKEN_LOCAL[packet]}"
-        rule = rule_for(node)
-        if rule is None:
+        reason = why_not_local(node.target)
+        if reason is None:
             return f"{describe_node(node)}: no token rule for this op (add one to passes/sharding_rules.py)"
-        return f"{describe_node(node)}: {WHY_NOT_LOCAL.get(rule, 'not token-local for these inputs')}"
+        return f"{describe_node(node)}: {reason}"
 
     def _call_non_tensor(self, node: fx.Node) -> None:
         """SymInt arithmetic and size queries keep their global meaning."""
-        if node.target in (aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int):
+        if is_size_query(node.target):
             source = node.args[0]
             if self.layout_of(source) is not None and self.env[source].replicated is None:
                 self.env[node] = self.builder.size(node.meta["val"])

@@ -9,8 +9,10 @@ not token-local for these inputs: the pass then gathers the inputs and runs the 
 Rules only ever see the original graph (global shapes in node.meta["val"]); they never emit nodes
 themselves except through the `patch` callback, which the rewriter calls with a GraphBuilder.
 
-Adding support for an op is one `@rule(...)` entry. The shape of this module follows
-torch/distributed/tensor/_ops/ (DTensor's sharding propagation).
+Adding support for an op is one `@rule(...)` entry. Everything else the passes know about an op (it
+mixes tokens; it is an attention kernel; a residual stream passes through it) is a `classify(...)` fact
+in the same table, `REGISTRY`, keyed by OpOverload (`describe_registry()` prints it sorted). The shape of
+this module follows torch/distributed/tensor/_ops/ (DTensor's sharding propagation).
 """
 from __future__ import annotations
 
@@ -92,31 +94,109 @@ def is_tensor_node(value: Any) -> bool:
     return isinstance(value, fx.Node) and isinstance(value.meta.get("val"), torch.Tensor)
 
 
-RULES: dict[Any, Callable[[OpView], Optional[Sharding]]] = {}
+Rule = Callable[[OpView], Optional[Sharding]]
 
 
-# For the explanation: what it means when a rule declines (returns None).
-WHY_NOT_LOCAL: dict[Callable, str] = {}
+@dataclass
+class OpEntry:
+    """Everything the passes know about one aten OpOverload."""
+
+    rule: Optional[Rule] = None  # how it runs on token shards (None: it never does)
+    declines_when: str = ""  # for the explanation: what makes it not token-local when its rule returns None
+    mixes_tokens: Optional[str] = None  # it never runs on shards, and why, said plainly in the explanation
+    attention_kernel: bool = False  # what attention becomes in a rewritten graph (First Block Cache finds blocks by it)
+    residual_passthrough: bool = False  # a residual stream goes through it unchanged in value (up to dtype) and shape
+    size_query: bool = False  # it reads a tensor's size, never its values (its result is a SymInt)
 
 
-def rule(*packets, declines_when: str = "its inputs are split in a way it cannot follow"):
-    """Registers a rule for every overload of the given aten op packets. `declines_when` says, for the
+# The one table of op knowledge, keyed by OpOverload: a packet named at registration stands for every one of
+# its overloads, so lookups never filter overloads by hand.
+REGISTRY: dict[torch._ops.OpOverload, OpEntry] = {}
+
+
+def overloads(*ops) -> list[torch._ops.OpOverload]:
+    """The OpOverloads `ops` name: an OpOverload itself, or every overload of an OpOverloadPacket."""
+    found = []
+    for op in ops:
+        if isinstance(op, torch._ops.OpOverloadPacket):
+            found.extend(getattr(op, name) for name in op.overloads())
+        elif isinstance(op, torch._ops.OpOverload):
+            found.append(op)
+        else:
+            raise TypeError(f"paracompile: the op registry takes aten ops (OpOverload or OpOverloadPacket), got {op!r}")
+    return found
+
+
+def _entries(*ops) -> list[OpEntry]:
+    return [REGISTRY.setdefault(op, OpEntry()) for op in overloads(*ops)]
+
+
+def rule(*ops, declines_when: str = "its inputs are split in a way it cannot follow"):
+    """Registers a rule for the given ops (every overload of a packet). `declines_when` says, for the
     explanation, what makes the op not token-local when the rule returns None."""
 
     def register(function):
-        for packet in packets:
-            RULES[packet] = function
-        WHY_NOT_LOCAL[function] = declines_when
+        for entry in _entries(*ops):
+            entry.rule, entry.declines_when = function, declines_when
         return function
 
     return register
 
 
-def rule_for(node: fx.Node) -> Optional[Callable[[OpView], Optional[Sharding]]]:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return RULES.get(target) or RULES.get(target.overloadpacket)
-    return None
+def classify(*ops, **facts) -> None:
+    """Records facts (OpEntry fields other than the rule) about the given ops."""
+    for entry in _entries(*ops):
+        for name, value in facts.items():
+            if name not in OpEntry.__dataclass_fields__ or name in ("rule", "declines_when"):
+                raise TypeError(f"paracompile: {name!r} is no op fact; facts are mixes_tokens, attention_kernel, "
+                                "residual_passthrough, size_query")
+            setattr(entry, name, value)
+
+
+def entry_for(target: Any) -> Optional[OpEntry]:
+    return REGISTRY.get(target) if isinstance(target, torch._ops.OpOverload) else None
+
+
+def rule_for(node: fx.Node) -> Optional[Rule]:
+    entry = entry_for(node.target)
+    return entry.rule if entry is not None else None
+
+
+def why_not_local(target: Any) -> Optional[str]:
+    """Why an op with these inputs runs replicated, or None when the registry knows nothing of it."""
+    entry = entry_for(target)
+    if entry is None or (entry.rule is None and entry.mixes_tokens is None):
+        return None
+    return entry.mixes_tokens or entry.declines_when or "not token-local for these inputs"
+
+
+def is_attention_kernel(target: Any) -> bool:
+    entry = entry_for(target)
+    return entry is not None and entry.attention_kernel
+
+
+def passes_residual_through(target: Any) -> bool:
+    entry = entry_for(target)
+    return entry is not None and entry.residual_passthrough
+
+
+def is_size_query(target: Any) -> bool:
+    entry = entry_for(target)
+    return entry is not None and entry.size_query
+
+
+def describe_registry() -> str:
+    """The table, one line per OpOverload, sorted by name: what the passes know about each op."""
+    lines = []
+    for op in sorted(REGISTRY, key=str):
+        entry = REGISTRY[op]
+        facts = [f"rule {entry.rule.__name__}" if entry.rule else "no rule"]
+        facts += [f"mixes tokens ({entry.mixes_tokens})"] if entry.mixes_tokens else []
+        facts += ["attention kernel"] if entry.attention_kernel else []
+        facts += ["residual pass-through"] if entry.residual_passthrough else []
+        facts += ["size query"] if entry.size_query else []
+        lines.append(f"{op}: {', '.join(facts)}")
+    return "\n".join(lines)
 
 
 def keeps_token_axis(*packets, input_name: str = "self", declines_when: str):
@@ -620,13 +700,27 @@ def stack(view: OpView) -> Optional[Sharding]:
     return Sharding(reference.at_dim(out_dim), {"tensors": [reference] * len(layouts)})
 
 
+# ----------------------------------------------------------------------------------------------------
+# Facts beyond the rules
+
 # Ops that never run on shards: listed so the explanation can say so plainly rather than "unknown op".
-NOT_TOKEN_LOCAL = {
-    aten.scaled_dot_product_attention: "attention mixes tokens (handled by the attention rewrite)",
-    aten.convolution: "a convolution mixes neighbouring tokens",
-    aten.conv1d: "a convolution mixes neighbouring tokens",
-    aten.conv2d: "a convolution mixes neighbouring tokens",
-    aten.conv3d: "a convolution mixes neighbouring tokens",
-    aten.index: "advanced indexing may pick any token",
-    aten.gather: "gather may pick any token",
-}
+classify(aten.scaled_dot_product_attention, mixes_tokens="attention mixes tokens (handled by the attention rewrite)")
+classify(aten.convolution, aten.conv1d, aten.conv2d, aten.conv3d, mixes_tokens="a convolution mixes neighbouring tokens")
+classify(aten.index, mixes_tokens="advanced indexing may pick any token")
+classify(aten.gather, mixes_tokens="gather may pick any token")
+
+# What attention becomes in a rewritten graph: SDPA (Ulysses, local or replicated), the kernels ring attention
+# calls per step, or the log-sum-exp of ring attention's exact fp32 path.
+classify(aten.scaled_dot_product_attention.default, aten._scaled_dot_product_flash_attention.default,
+         aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_efficient_attention.default,
+         aten._scaled_dot_product_cudnn_attention.default, aten.logsumexp.default, attention_kernel=True)
+
+# Ops a residual stream passes through unchanged in value (up to dtype) and shape: following them back from
+# a block's output reaches the block's input (First Block Cache).
+classify(aten.clone.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+         aten.type_as.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+         aten.clamp.default, aten.clip.default, aten.view.default, aten.reshape.default, residual_passthrough=True)
+
+# Pure size arithmetic: keeps its global meaning on shards, and First Block Cache recomputes it in every part
+# that needs it instead of passing it between parts.
+classify(aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, size_query=True)
