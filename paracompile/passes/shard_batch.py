@@ -56,7 +56,7 @@ def batch_local_attention(rewriter, node: fx.Node) -> None:
         for tensor_name in ("query", "key", "value", "attn_mask"):
             if isinstance(args[tensor_name], fx.Node):
                 args[tensor_name] = rewriter.replicated(args[tensor_name], f"{name}: queries are not batch-split")
-        rewriter.bind_replicated(node, rewriter._emit(node.target, args))
+        rewriter.bind_replicated(node, rewriter.emit(node.target, args))
         rewriter.report.attention.append(f"{name}: replicated (the batch axis does not reach its queries)")
         return
     for tensor_name in ("query", "key", "value"):
@@ -68,7 +68,7 @@ def batch_local_attention(rewriter, node: fx.Node) -> None:
             args["attn_mask"] = rewriter.sharded(mask, layout, name)
         else:
             args["attn_mask"] = rewriter.replicated(mask, name)
-    new = rewriter._emit(node.target, args)
+    new = rewriter.emit(node.target, args)
     copy_origin(new, node)
     rewriter.bind_sharded(node, new, layout)
     rewriter.report.attention.append(f"{name}: batch rows split over {rewriter.group.size} ranks")

@@ -397,7 +397,7 @@ class TokenShardingRewriter:
             layout = _first_layout(sharding.inputs.values())
             args = sharding.patch(self.builder, args, LocalShard(self.builder, layout, self.group))
             target = args.pop("__target__", target)
-        new = self._emit(target, args)
+        new = self.emit(target, args)
         copy_origin(new, node)
         self._after_write(node)
         self._track_alias(node, new)
@@ -419,7 +419,9 @@ class TokenShardingRewriter:
             return self.replicated(node, f"{reason} needs it whole")
         return self.sharded(node, required, reason)
 
-    def _emit(self, target, args: dict[str, Any]) -> fx.Node:
+    def emit(self, target, args: dict[str, Any]) -> fx.Node:
+        """A call of the aten op `target` in the new graph, its arguments given by schema name (OpView.args
+        after conversion): the one way rules' patches and attention strategies add the op they rewrite."""
         schema = target._schema
         positional, keywords = [], {}
         for argument in schema.arguments:

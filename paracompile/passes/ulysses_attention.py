@@ -46,7 +46,7 @@ def rewrite_attention(rewriter, node: fx.Node, ulysses_chunks: int = 1) -> None:
         for tensor_name in ("query", "key", "value", "attn_mask"):
             if isinstance(args[tensor_name], fx.Node):
                 args[tensor_name] = rewriter.replicated(args[tensor_name], f"{name}: {reason}")
-        new = rewriter._emit(node.target, args)
+        new = rewriter.emit(node.target, args)
         copy_origin(new, node)
         rewriter.bind_replicated(node, new)
         rewriter.report.attention.append(f"{name}: replicated ({reason})")
@@ -105,7 +105,7 @@ def _local_attention(rewriter, node, view, query_layout) -> None:
             args["attn_mask"] = rewriter.sharded(mask, query_layout.at_dim(mask_query_dim), describe_node(node))
         else:
             args["attn_mask"] = rewriter.replicated(mask, describe_node(node))
-    new = rewriter._emit(node.target, args)
+    new = rewriter.emit(node.target, args)
     rewriter.bind_sharded(node, new, query_layout)
     rewriter.report.attention.append(
         f"{describe_node(node)}: local (keys/values replicated, queries sharded: no communication)")
@@ -194,7 +194,7 @@ def _attend(rewriter, node, view, query, key, value, mask, enable_gqa, kind: str
     attention and its module by it)."""
     args = dict(view.args)
     args.update(query=query, key=key, value=value, attn_mask=mask, enable_gqa=enable_gqa)
-    output = rewriter._emit(node.target, args)
+    output = rewriter.emit(node.target, args)
     return mark_attention(output, node, kind)
 
 
