@@ -1,8 +1,16 @@
 """The `paracompile` torch.compile backend.
 
-torch calls `paracompile_backend(graph_module, example_inputs, options=...)` with Dynamo's graph. The
-backend traces it to aten ops, runs the passes, and hands the result to Inductor (or runs it as is with
-`compiler="eager"`).
+Invariant: the callable returned for Dynamo's graph, called on every rank with the same full inputs,
+returns what the graph returns (to Inductor's accuracy), or raises the same error on every rank.
+
+torch calls `paracompile_backend(graph_module, example_inputs, options=...)` with Dynamo's graph. One
+process: plain Inductor (with First Block Cache or CUDA graphs if asked). Several ranks, one linear pipeline:
+  parse_options -> resolve_mesh (degrees checked, groups made) -> trace_to_aten -> resolve_auto ("auto"
+  needs the graph's head counts) -> shard_batch -> shard_tokens (attention strategy per attention node)
+  -> compile_graph (First Block Cache's split, Inductor with the overlap patches, CUDA graphs) -> guarded
+  (the ranks' input check, forward only).
+Passes take what they need as arguments and never import this module; the only state kept here is the
+bounded registry of reports (`explanations`, `rewritten_graphs`).
 """
 from __future__ import annotations
 
