@@ -256,23 +256,17 @@ def main() -> None:
     if rank == 0:
         print(f"[{time.strftime('%H:%M:%S')}] round medians (ms): "
               + json.dumps({name: [round(m, 2) for m in medians] for name, medians in rounds.items()}), flush=True)
-    for name, call in setups.items():
-        sync()
-        if rank == 0:
-            trace = os.path.join(args.out, f"trace_{name}.json") if name in args.trace.split(",") else None
-            if trace:
-                os.makedirs(args.out, exist_ok=True)
-            results[name].update(profile(call, args.profile_steps, trace))
-        else:
-            for _ in range(args.profile_steps):
-                call()
-        sync()
+    for name in setups:
         medians = rounds[name]
         results[name].update(round_medians_ms=[round(m, 2) for m in medians],
                              median_ms=round(statistics.median(medians), 2),
                              spread_ms=[round(min(medians), 2), round(max(medians), 2)])
 
-    if rank == 0:
+    def write_report(stage: str) -> None:
+        """The table and the JSON so far: written after the rounds and again after the profiles, so that a
+        run stopped while profiling keeps its timings."""
+        if rank != 0:
+            return
         baseline = results.get("inductor1", {}).get("median_ms")
         meta = dict(versions(), device=torch.cuda.get_device_name(device) if cuda else "cpu", world_size=world,
                     workload=spec["description"], date=datetime.date.today().isoformat(),
@@ -297,13 +291,28 @@ def main() -> None:
                          f"{r.get('peak_allocated_gib', '-')} | {r.get('held_after_gib', '-')} | {r['first_call_s']} | "
                          f"{r.get('max_abs_diff_vs_eager1', '-')} |")
         table = "\n".join(lines)
-        print(table, flush=True)
+        print(table if stage == "final" else f"[{time.strftime('%H:%M:%S')}] timings written", flush=True)
         os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, f"rounds_{spec['tag']}")
         with open(stem + ".json", "w") as handle:
             json.dump(dict(meta=meta, results=results), handle, indent=1)
         with open(stem + ".md", "w") as handle:
             handle.write(table + "\n")
+
+    write_report("timings")
+    for name, call in setups.items():
+        sync()
+        if rank == 0:
+            trace = os.path.join(args.out, f"trace_{name}.json") if name in args.trace.split(",") else None
+            if trace:
+                os.makedirs(args.out, exist_ok=True)
+            results[name].update(profile(call, args.profile_steps, trace))
+        else:
+            for _ in range(args.profile_steps):
+                call()
+        sync()
+
+    write_report("final")
     dist.barrier()
     dist.destroy_process_group()
 
