@@ -593,7 +593,7 @@ def summary(report: dict, base: float | None) -> str:
 
 
 def harness(args) -> None:
-    setups = [s.strip() for s in args.setups.split(",") if s.strip()]
+    setups = [s.strip() for s in (args.setups or ",".join(SETUPS)).split(",") if s.strip()]
     unknown = [s for s in setups if s not in SETUPS]
     if unknown:
         raise SystemExit(f"unknown setup(s) {unknown}; choose among {list(SETUPS)}")
@@ -647,6 +647,9 @@ def merge_files(args) -> None:
     print(open(write_report(report, args.out)).read())
 
 
+INTERLEAVED_DEFAULT = "inductor1,pc_ulysses,pc_ring,diffusers_ulysses,paraattn_ulysses"
+
+
 def interleaved(args) -> None:
     """The same workloads, timed by benchmarks/rounds.py in one process group of any size."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
@@ -664,7 +667,8 @@ def interleaved(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", choices=["flux", "wan"], default="flux")
-    parser.add_argument("--setups", default=",".join(SETUPS), help="comma list among " + ", ".join(SETUPS))
+    parser.add_argument("--setups", default=None, help="comma list among " + ", ".join(SETUPS) + " (all by default); "
+                        "with --interleaved, rounds.py's names (default: " + INTERLEAVED_DEFAULT + ")")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first call")
     parser.add_argument("--out", default="benchmarks/results/compare", help="results folder")
@@ -695,6 +699,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="with --interleaved: rounds (at least 3 to rank setups)")
     args = parser.parse_args()
     if args.interleaved:
+        args.setups = args.setups or INTERLEAVED_DEFAULT
         interleaved(args)
     elif args.worker:
         worker(args)

@@ -15,7 +15,8 @@ Workloads, random weights and inputs are benchmarks/compare.py's (FLUX.1-dev at 
 | pc_u2r2 | paracompile with {"ulysses": 2, "ring": world / 2} |
 | ..._c2, ..._c4 | the same with `ulysses_chunks` 2 or 4 (each chunk's exchange overlaps another's attention) |
 | ..._graphs | the same with `cuda_graphs=True` (paracompile/cuda_graphs.py) |
-| ..._reorder, ..._ovs | the same with Inductor's compute/communication reordering passes / its overlap scheduler |
+| ..._noreorder, ..._ovs | the same without the compute/communication reordering paracompile turns on for Ulysses / with Inductor's overlap scheduler instead |
+| ..._reorder | the same with the reordering passes named explicitly (paracompile's default for Ulysses since 2026-11-28) |
 | diffusers_ulysses, diffusers_ring | diffusers' native context parallelism over all ranks, then `torch.compile` (its own model copy) |
 | paraattn_ulysses | para-attn 0.3.38 (with benchmarks/paraattn_shim.py), then `torch.compile` (its own model copy) |
 
@@ -52,8 +53,24 @@ INDUCTOR_VARIANTS = {
     "reorder": {"reorder_for_compute_comm_overlap": True,
                 "reorder_for_compute_comm_overlap_passes": ["reorder_compute_for_overlap", "sink_waits",
                                                             "raise_comms"]},
-    "ovs": {"aten_distributed_optimizations.enable_overlap_scheduling": True},
+    "noreorder": {"reorder_for_compute_comm_overlap": False},  # paracompile's default for Ulysses is on
+    "ovs": {"aten_distributed_optimizations.enable_overlap_scheduling": True,
+            "reorder_for_compute_comm_overlap": False},
 }
+PEERS = ("diffusers_ulysses", "diffusers_ring", "paraattn_ulysses")
+
+
+def check_setup_name(name: str) -> None:
+    """Refuses a name before any model is built (a full-size model per unknown name would not fit)."""
+    parts = name.split("_")
+    known = (name in ("eager1", "inductor1") or name in PEERS
+             or (parts[0] == "pc" and len(parts) >= 2 and parts[1] in ("ulysses", "ring", "u2r2")
+                 and all(p == "graphs" or p in INDUCTOR_VARIANTS or (p[0] == "c" and p[1:].isdigit())
+                         for p in parts[2:])))
+    if not known:
+        raise SystemExit(f"rounds.py: unknown setup {name!r}; setups are eager1, inductor1, {', '.join(PEERS)}, and "
+                         "pc_ulysses / pc_ring / pc_u2r2 with suffixes _graphs, _c<N>, "
+                         + ", ".join(f"_{v}" for v in INDUCTOR_VARIANTS))
 
 
 def make_setup(name: str, model_for, world: int, args, device):
@@ -81,7 +98,9 @@ def make_setup(name: str, model_for, world: int, args, device):
                 options.setdefault("inductor", {}).update(INDUCTOR_VARIANTS[part])
         if args.tiny:
             options.update(compiler="eager", cuda_graphs=False)
-        options.update(json.loads(args.paracompile_options or "{}"))
+        extra = json.loads(args.paracompile_options or "{}")
+        options.setdefault("inductor", {}).update(extra.pop("inductor", {}))  # merged, not replaced
+        options.update(extra)
         compiled = torch.compile(model_for("plain"),
                                  backend=lambda gm, example: paracompile_backend(gm, example, options=options))
         return compiled, ranks, {"options": {k: v for k, v in options.items()}}
@@ -154,11 +173,14 @@ def main() -> None:
     parser.add_argument("--paracompile-options", default=None, help="JSON merged into every pc_ setup's options")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--watchdog", type=float, default=0,
-                        help="seconds: while the rounds run, every rank prints its threads' stacks this often")
+                        help="seconds: from the first compile to the end, every rank prints its threads' stacks this "
+                        "often (pick more than the longest compile; a stall then shows where each rank waits)")
     parser.add_argument("--trace", default="", help="comma list of setups whose profile is saved as a Chrome trace "
                         "(--out/trace_<setup>.json.gz) and read for idle gaps (benchmarks/gaps.py)")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
+    for name in args.setups.split(","):
+        check_setup_name(name)
 
     cuda = torch.cuda.is_available() and not args.tiny
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -185,6 +207,11 @@ def main() -> None:
     with torch.inference_mode():
         reference = model_for("plain")(**inputs)[0] if rank == 0 else None
     names = args.setups.split(",")
+    if args.watchdog:
+        # A stall (a hang between process groups, a recompile) shows where every rank is.
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.watchdog, repeat=True, exit=False)
     setups, results = {}, {}
     for name in names:
         result = results[name] = dict(setup=name)
@@ -230,11 +257,6 @@ def main() -> None:
             del setups[name]
             result.setdefault("error", "failed on another rank")
 
-    if args.watchdog:
-        # A stuck round (a hang between process groups, a recompile) shows where every rank is.
-        import faulthandler
-
-        faulthandler.dump_traceback_later(args.watchdog, repeat=True, exit=False)
     rounds = {name: [] for name in setups}
     for index in range(args.rounds):
         if rank == 0:
@@ -251,8 +273,6 @@ def main() -> None:
             slowest = torch.tensor(times, dtype=torch.float64, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             rounds[name].append(1000 * statistics.median(slowest.tolist()))
-    if args.watchdog:
-        faulthandler.cancel_dump_traceback_later()
     if rank == 0:
         print(f"[{time.strftime('%H:%M:%S')}] round medians (ms): "
               + json.dumps({name: [round(m, 2) for m in medians] for name, medians in rounds.items()}), flush=True)
@@ -313,6 +333,8 @@ def main() -> None:
         sync()
 
     write_report("final")
+    if args.watchdog:
+        faulthandler.cancel_dump_traceback_later()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -128,9 +128,12 @@ def overlap_patches(attention_kinds: set) -> dict[str, Any]:
     Inductor's scheduler may order independent kernels either way: `raise_comms` and `sink_waits` start
     every collective as early and wait for it as late as its data allow, which keeps that overlap.
     Ulysses' exchanges have no attention of their own to hide under, so `reorder_compute_for_overlap` also
-    moves independent compute between an exchange and its wait: in a FLUX single block, the MLP's input
-    projection (computed before attention in the model) runs while q, k and v are exchanged. Measured on
-    2x H200, FLUX.1-dev 4 + 8 blocks: 2-3% faster per step (benchmarks/results/ulysses_overlap_*)."""
+    moves independent compute between an exchange and its wait, by Inductor's runtime estimates: in a FLUX
+    single block, the MLP's projection runs while an exchange is in flight. Measured on 2x H200, FLUX.1-dev
+    4 + 8 blocks: 2-3% faster per step (benchmarks/results/ulysses_overlap_*). These passes move compute
+    only: Inductor's scheduler first chains the collectives in graph order (decide_global_ordering_of_comms),
+    and the graph is the same on every rank, so ranks with uneven shards (other local shapes, other
+    estimates) still issue the same collectives in the same order."""
     if attention_kinds & {"ulysses", "ulysses_chunked"}:
         return dict(reorder_for_compute_comm_overlap=True,
                     reorder_for_compute_comm_overlap_passes=["reorder_compute_for_overlap", "sink_waits",
