@@ -81,6 +81,9 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
     if plan.ring is not None or plan.batch is not None:
         report.notes.append(f"process groups: {plan.describe_groups()}")
     report.notes.append(describe_added_ops(aten_graph.graph, sharded.graph))
+    if parsed.compiler == "inductor":
+        report.notes.append(describe_overlap(overlap_patches({attention_kind(node) for node in sharded.graph.nodes}),
+                                             parsed.inductor))
     explanations.append(report.format())
     rewritten_graphs.append(sharded)
     if parsed.explain:
@@ -142,6 +145,17 @@ def overlap_patches(attention_kinds: set) -> dict[str, Any]:
         return dict(reorder_for_compute_comm_overlap=True,
                     reorder_for_compute_comm_overlap_passes=["sink_waits", "raise_comms"])
     return {}
+
+
+def describe_overlap(patches: dict, user_patches: dict) -> str:
+    """The explain line for the Inductor passes that schedule collectives against compute."""
+    if user_patches.get("reorder_for_compute_comm_overlap") is False:
+        return "Inductor: compute/communication reordering turned off by the 'inductor' option"
+    if not patches:
+        return "Inductor: no compute/communication reordering (no Ulysses or Ring exchange to overlap)"
+    passes = user_patches.get("reorder_for_compute_comm_overlap_passes",
+                              patches["reorder_for_compute_comm_overlap_passes"])
+    return f"Inductor: compute/communication reordering ({', '.join(passes)}); collectives keep their graph order"
 
 
 def with_cuda_graphs(compiled: Callable, gm: fx.GraphModule, example_inputs: list, name: str) -> Callable:

@@ -28,3 +28,18 @@ def test_added_ops_are_counted_by_kind_and_renamed_views_are_not_additions():
     text = describe_added_ops(original, rewritten)
     assert text == ("ops added by the rewrite: 2 collective (all_to_all_single 1, wait_tensor 1); "
                     "2 other (contiguous 1, movedim 1); the original graph has 3 ops"), text
+
+
+def test_the_overlap_line_says_which_inductor_passes_run():
+    from paracompile.backend import describe_overlap, overlap_patches
+
+    assert describe_overlap(overlap_patches({"ulysses", None}), {}) == (
+        "Inductor: compute/communication reordering (reorder_compute_for_overlap, sink_waits, raise_comms); "
+        "collectives keep their graph order")
+    assert describe_overlap(overlap_patches({"ring"}), {}).startswith(
+        "Inductor: compute/communication reordering (sink_waits, raise_comms)")
+    assert describe_overlap(overlap_patches({None}), {}).startswith("Inductor: no compute/communication reordering")
+    assert describe_overlap(overlap_patches({"ulysses"}), {"reorder_for_compute_comm_overlap": False}) == (
+        "Inductor: compute/communication reordering turned off by the 'inductor' option")
+    assert "(sink_waits)" in describe_overlap(overlap_patches({"ulysses"}),
+                                              {"reorder_for_compute_comm_overlap_passes": ["sink_waits"]})

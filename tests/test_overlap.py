@@ -108,7 +108,8 @@ def _scenarios(rank, world_size):
             compiled = torch.compile(model, backend="paracompile", options={
                 "mesh": {"ulysses": 2}, "inductor": {"cpp.vec_isa_ok": False}})
             output, codes = run_and_get_code(lambda: compiled(x))
-        results["parallel_block"] = dict(error=None, output=output, expected=expected, code="\n".join(codes))
+        results["parallel_block"] = dict(error=None, output=output, expected=expected, code="\n".join(codes),
+                                         report=backend.explanations[-1])
     except Exception:
         results["parallel_block"] = dict(error=traceback.format_exc())
     torch._dynamo.reset()
@@ -175,3 +176,9 @@ def test_generated_code_runs_a_matrix_product_under_a_ulysses_exchange(ranks):
             elif "extern_kernels.addmm(" in line or "extern_kernels.mm(" in line:
                 overlapped.append(in_flight > 0)
         assert any(overlapped), overlapped
+
+
+def test_the_report_names_the_reordering(ranks):
+    report = ranks[0]["parallel_block"]["report"]
+    assert ("Inductor: compute/communication reordering (reorder_compute_for_overlap, sink_waits, raise_comms); "
+            "collectives keep their graph order") in report, report
