@@ -82,8 +82,7 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
         report.notes.append(f"process groups: {plan.describe_groups()}")
     report.notes.append(describe_added_ops(aten_graph.graph, sharded.graph))
     if parsed.compiler == "inductor":
-        report.notes.append(describe_overlap(overlap_patches({attention_kind(node) for node in sharded.graph.nodes}),
-                                             parsed.inductor))
+        report.notes.append(describe_overlap(attention_kinds(sharded), parsed))
     explanations.append(report.format())
     rewritten_graphs.append(sharded)
     if parsed.explain:
@@ -116,9 +115,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options, na
     else:
         from torch._inductor.compile_fx import compile_fx
 
-        patches = overlap_patches({attention_kind(node) for node in gm.graph.nodes})
-        patches.update(inductor_patches(options))
-        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        compiled = compile_fx(gm, example_inputs, config_patches=inductor_config(attention_kinds(gm), options))
     if options.cuda_graphs:
         return with_cuda_graphs(compiled, gm, example_inputs, name)
     return compiled
@@ -147,15 +144,32 @@ def overlap_patches(attention_kinds: set) -> dict[str, Any]:
     return {}
 
 
-def describe_overlap(patches: dict, user_patches: dict) -> str:
-    """The explain line for the Inductor passes that schedule collectives against compute."""
-    if user_patches.get("reorder_for_compute_comm_overlap") is False:
-        return "Inductor: compute/communication reordering turned off by the 'inductor' option"
-    if not patches:
+def attention_kinds(gm: fx.GraphModule) -> set:
+    return {attention_kind(node) for node in gm.graph.nodes}
+
+
+def inductor_config(kinds: set, options: Options) -> dict[str, Any]:
+    """The config patches a graph is compiled with: the overlap passes for its attentions, then the
+    options' own (the mode's, the `inductor` dict), which win."""
+    patches = overlap_patches(kinds)
+    patches.update(inductor_patches(options))
+    return patches
+
+
+def describe_overlap(kinds: set, options: Options) -> str:
+    """The explain line for the Inductor passes that schedule collectives against compute, read from the
+    config the graph is compiled with."""
+    config = inductor_config(kinds, options)
+    if not config.get("reorder_for_compute_comm_overlap"):
+        if overlap_patches(kinds):
+            return "Inductor: compute/communication reordering turned off by the 'inductor' option"
         return "Inductor: no compute/communication reordering (no Ulysses or Ring exchange to overlap)"
-    passes = user_patches.get("reorder_for_compute_comm_overlap_passes",
-                              patches["reorder_for_compute_comm_overlap_passes"])
-    return f"Inductor: compute/communication reordering ({', '.join(passes)}); collectives keep their graph order"
+    import torch._inductor.config as inductor_defaults
+
+    passes = config.get("reorder_for_compute_comm_overlap_passes",
+                        inductor_defaults.reorder_for_compute_comm_overlap_passes)
+    names = [getattr(p, "__name__", str(p)) for p in passes]
+    return f"Inductor: compute/communication reordering ({', '.join(names)}); collectives keep their graph order"
 
 
 def with_cuda_graphs(compiled: Callable, gm: fx.GraphModule, example_inputs: list, name: str) -> Callable:

@@ -31,15 +31,17 @@ def test_added_ops_are_counted_by_kind_and_renamed_views_are_not_additions():
 
 
 def test_the_overlap_line_says_which_inductor_passes_run():
-    from paracompile.backend import describe_overlap, overlap_patches
+    from paracompile.backend import describe_overlap
+    from paracompile.options import parse_options
 
-    assert describe_overlap(overlap_patches({"ulysses", None}), {}) == (
+    def line(kinds, inductor=None):
+        return describe_overlap(kinds, parse_options({"inductor": inductor or {}}))
+
+    assert line({"ulysses", None}) == (
         "Inductor: compute/communication reordering (reorder_compute_for_overlap, sink_waits, raise_comms); "
         "collectives keep their graph order")
-    assert describe_overlap(overlap_patches({"ring"}), {}).startswith(
-        "Inductor: compute/communication reordering (sink_waits, raise_comms)")
-    assert describe_overlap(overlap_patches({None}), {}).startswith("Inductor: no compute/communication reordering")
-    assert describe_overlap(overlap_patches({"ulysses"}), {"reorder_for_compute_comm_overlap": False}) == (
+    assert line({"ring"}).startswith("Inductor: compute/communication reordering (sink_waits, raise_comms)")
+    assert line({None}).startswith("Inductor: no compute/communication reordering")
+    assert line({"ulysses"}, {"reorder_for_compute_comm_overlap": False}) == (
         "Inductor: compute/communication reordering turned off by the 'inductor' option")
-    assert "(sink_waits)" in describe_overlap(overlap_patches({"ulysses"}),
-                                              {"reorder_for_compute_comm_overlap_passes": ["sink_waits"]})
+    assert "(sink_waits)" in line({"ulysses"}, {"reorder_for_compute_comm_overlap_passes": ["sink_waits"]})

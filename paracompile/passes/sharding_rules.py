@@ -143,13 +143,16 @@ def rule(*ops, declines_when: str = "its inputs are split in a way it cannot fol
     return register
 
 
+_FACTS = tuple(name for name in OpEntry.__dataclass_fields__ if name not in ("rule", "declines_when"))
+
+
 def classify(*ops, **facts) -> None:
     """Records facts (OpEntry fields other than the rule) about the given ops."""
+    unknown = sorted(set(facts) - set(_FACTS))
+    if unknown:
+        raise TypeError(f"paracompile: {unknown[0]!r} is no op fact; facts are {', '.join(_FACTS)}")
     for entry in _entries(*ops):
         for name, value in facts.items():
-            if name not in OpEntry.__dataclass_fields__ or name in ("rule", "declines_when"):
-                raise TypeError(f"paracompile: {name!r} is no op fact; facts are mixes_tokens, attention_kernel, "
-                                "residual_passthrough, size_query")
             setattr(entry, name, value)
 
 
