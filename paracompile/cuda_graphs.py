@@ -23,11 +23,22 @@ Policy, per compiled step (one graph of Dynamo's, or one part of First Block Cac
 
 Each graph has its own memory pool, so its memory is the step's peak activation memory; after a capture
 the allocator's cached blocks are released, so peak reserved memory stays near the step's without graphs.
+
+Shutdown: NCCL will not destroy a communicator while a CUDA graph that captured one of its collectives is
+alive (its destroy waits for the graph's reference, pytorch#115388), and compiled steps live until the
+interpreter's teardown, after a script's `destroy_process_group()`: that call would hang. So the first
+capture wraps `torch.distributed.destroy_process_group` (and registers an exit handler) to release every
+step's graphs first; `release_cuda_graphs()` does the same by hand. A step whose graphs were released
+captures anew on its next call. The steps are tracked in one process-wide weak set, because NCCL's
+communicators are process-wide too.
 """
 from __future__ import annotations
 
+import atexit
 import collections
+import functools
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -57,6 +68,8 @@ def capture_cuda_graph(function: Callable, inputs: list) -> tuple[Callable[[], N
 class CudaGraphStep:
     """`compiled` (a callable of tensors and Python numbers), replayed as CUDA graphs; see the module
     docstring. `weights` are the positions of inputs the graph reads in place (parameters, buffers)."""
+
+    live: "weakref.WeakSet[CudaGraphStep]" = weakref.WeakSet()  # the steps that hold graphs; see Shutdown
 
     def __init__(self, compiled: Callable, weights: set, name: str, max_graphs: int = 8,
                  capturer: Callable = capture_cuda_graph, device_type: str = "cuda"):
@@ -152,12 +165,52 @@ class CudaGraphStep:
         buffers = {position: value.clone() for position, value in enumerate(args)
                    if isinstance(value, torch.Tensor) and position not in self.weights}
         inputs = [buffers.get(position, value) for position, value in enumerate(args)]
+        _release_before_destroy()
         replay, outputs = self.capturer(self.compiled, inputs)
         self.captures += 1
+        CudaGraphStep.live.add(self)
         return _Graph(replay, buffers, outputs, self.weight_addresses(args))
+
+    def release(self) -> None:
+        """Drops every graph (and with it NCCL's hold on its communicators); the next call captures anew."""
+        self.graphs.clear()
 
     def disable(self, reason: str) -> None:
         self.disabled = reason
         self.graphs.clear()
         warnings.warn(f"paracompile: CUDA graphs are off for {self.name}: {reason}; it runs without them",
                       stacklevel=3)
+
+
+def release_cuda_graphs() -> int:
+    """Releases the CUDA graphs of every paracompile step in this process; returns how many steps held
+    some. Runs by itself before `torch.distributed.destroy_process_group` and at exit (see Shutdown)."""
+    steps = [step for step in list(CudaGraphStep.live) if step.graphs]
+    if steps and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # a replay still running reads the graphs' memory
+    for step in steps:
+        step.release()
+    return len(steps)
+
+
+def _release_before_destroy() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return
+    from torch.distributed import distributed_c10d
+
+    original = distributed_c10d.destroy_process_group
+    if getattr(original, "_paracompile_releases_graphs", False):
+        return
+
+    @functools.wraps(original)
+    def destroy_process_group(*args, **kwargs):
+        release_cuda_graphs()
+        return original(*args, **kwargs)
+
+    destroy_process_group._paracompile_releases_graphs = True
+    distributed_c10d.destroy_process_group = destroy_process_group
+    if getattr(dist, "destroy_process_group", None) is original:
+        dist.destroy_process_group = destroy_process_group
+    atexit.register(release_cuda_graphs)

@@ -5,6 +5,7 @@ stand-in capturer that records instead of capturing; the real capture runs where
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -253,3 +254,59 @@ def test_backward_through_cuda_graphs_raises_and_forward_with_grad_stays_exact()
             output.sum().backward()
     finally:
         torch._dynamo.reset()
+
+
+class HeldGraph:
+    """What a captured graph holds on to (NCCL's reference to its communicator, in a real capture)."""
+
+
+class RecorderWithHeldGraphs(Recorder):
+    def __init__(self, step: Step):
+        super().__init__(step)
+        self.held: list = []
+
+    def __call__(self, function, inputs):
+        replay, outputs = super().__call__(function, inputs)
+        held = HeldGraph()
+        self.held.append(weakref.ref(held))
+
+        def replay_holding_the_graph():
+            assert held is not None
+            replay()
+
+        return replay_holding_the_graph, outputs
+
+
+def test_destroy_process_group_releases_every_graph_first(tmp_path):
+    """NCCL's communicator destroy waits until every graph that captured one of its collectives is gone
+    (pytorch#115388): a script's `destroy_process_group()` would hang while compiled steps hold graphs."""
+    import torch.distributed as dist
+
+    step = Step()
+    recorder = RecorderWithHeldGraphs(step)
+    graphed = _graphed(step, recorder)
+    weight, x = torch.randn(3, 3), torch.randn(2, 3)
+    for _ in range(3):
+        graphed(weight, x, 2.0)
+    assert len(graphed.graphs) == 1 and all(ref() is not None for ref in recorder.held)
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    dist.destroy_process_group()
+    assert graphed.graphs == {} and all(ref() is None for ref in recorder.held)
+    assert dist.destroy_process_group.__name__ == "destroy_process_group"
+
+
+def test_released_graphs_capture_anew_on_the_next_call():
+    from paracompile import release_cuda_graphs
+
+    step = Step()
+    recorder = Recorder(step)
+    graphed = _graphed(step, recorder)
+    weight = torch.randn(3, 3)
+    for _ in range(3):
+        graphed(weight, torch.randn(2, 3), 2.0)
+    assert recorder.captures == 1
+    assert release_cuda_graphs() >= 1 and graphed.graphs == {}
+    x = torch.randn(2, 3)
+    product, _ = graphed(weight, x, 2.0)
+    assert recorder.captures == 2 and torch.allclose(product, x @ weight * 2.0)
