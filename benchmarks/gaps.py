@@ -8,10 +8,14 @@ between kernels (all streams together) by what ended it.
 - dependency: it was launched before the gap began but started late: it waited for another stream (a
   collective's wait, an event) or a graph's internal ordering.
 Gaps shorter than 2 us (back-to-back kernels) are not counted as gaps.
+
+It also reports how much of the NCCL kernels' time ran while a compute kernel ran too (on another stream):
+the communication that overlap hides; the rest is exposed or waiting for the other rank.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import gzip
 import json
@@ -58,12 +62,42 @@ def summarize(events: list[dict], steps: int, top: int = 12) -> dict:
     pairs = collections.Counter()
     for gap in gaps:
         pairs[(gap["kind"], gap["before"], gap["after"])] += gap["us"]
+    nccl_us, overlapped_us = nccl_overlap(kernels)
     return dict(
+        nccl_ms_per_step=round(nccl_us / 1000 / steps, 3),
+        nccl_overlapped_with_compute_ms_per_step=round(overlapped_us / 1000 / steps, 3),
         span_ms_per_step=round(span / 1000 / steps, 3), busy_ms_per_step=round(busy / 1000 / steps, 3),
         idle_ms_per_step={kind: round(us / 1000 / steps, 3) for kind, us in by_kind.items()},
         gaps_per_step={kind: round(n / steps, 1) for kind, n in count.items()},
         largest_sources=[dict(kind=k, before=b, after=a, ms_per_step=round(us / 1000 / steps, 3))
                          for (k, b, a), us in pairs.most_common(top)])
+
+
+def nccl_overlap(kernels: list[dict]) -> tuple[float, float]:
+    """(NCCL kernel time, the part of it during which some other kernel ran), in us."""
+    def is_nccl(kernel):
+        return "nccl" in kernel["name"].lower()
+
+    compute: list[list[float]] = []  # the union of the other kernels' intervals, in order
+    for kernel in kernels:
+        if is_nccl(kernel):
+            continue
+        start, end = kernel["ts"], kernel["ts"] + kernel["dur"]
+        if compute and start <= compute[-1][1]:
+            compute[-1][1] = max(compute[-1][1], end)
+        else:
+            compute.append([start, end])
+    starts = [interval[0] for interval in compute]
+    total = overlapped = 0.0
+    for kernel in kernels:
+        if not is_nccl(kernel):
+            continue
+        start, end = kernel["ts"], kernel["ts"] + kernel["dur"]
+        total += end - start
+        first = max(0, bisect.bisect_right(starts, start) - 1)
+        for low, high in compute[first:bisect.bisect_right(starts, end)]:
+            overlapped += max(0.0, min(end, high) - max(start, low))
+    return total, overlapped
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ Workloads, random weights and inputs are benchmarks/compare.py's (FLUX.1-dev at 
 | diffusers_ulysses, diffusers_ring | diffusers' native context parallelism over all ranks, then `torch.compile` (its own model copy) |
 | paraattn_ulysses | para-attn 0.3.38 (with benchmarks/paraattn_shim.py), then `torch.compile` (its own model copy) |
 
-Every setup is compiled and warmed up first (its first-call time recorded), then each round runs every setup
+Every setup is compiled and warmed up first (its first-call time recorded), then runs once more in an untimed
+interleaved round (its time recorded: a setup that recompiles after the others ran shows there), then each round runs every setup
 for `--steps` timed calls (a barrier and a device synchronize around each; a step's time is its slowest
 rank's), and records the round's median. The table reports the median of the round medians and their spread
 (lowest - highest). After the rounds, rank 0 profiles `--profile-steps` calls of each setup: GPU busy time per
@@ -28,6 +29,11 @@ step (the union of its kernels' intervals), kernels per step, and NCCL kernel ti
 peak allocated over its first three calls (eager, capture, first replay), and what it still holds once the
 allocator's cache is released (a CUDA graph's pool). Every output is compared with eager1's (rank 0, run
 once before the rounds). Results: --out/rounds_<workload>.json and .md (rank 0).
+
+Every setup compiles with a backend object of its own: Dynamo keeps compiled frames per code object, and
+setups built from the same model class share code objects (diffusers' hooks and para-attn's wrapper call
+the class's own forward as a frame of its own); with one shared "inductor" backend, a frame that a peer
+compiled for its token shard could be the one another setup's call finds, on one rank only for inductor1.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ import os
 import shlex
 import statistics
 import sys
+import threading
 import time
 import traceback
 
@@ -73,6 +80,21 @@ def check_setup_name(name: str) -> None:
                          + ", ".join(f"_{v}" for v in INDUCTOR_VARIANTS))
 
 
+def own_backend(name: str):
+    """A backend callable for this setup alone (see the module docstring): Inductor, or eager with --tiny."""
+    def backend(gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    def eager(gm, example_inputs):
+        return gm.forward
+
+    chosen = eager if name == "eager" else backend
+    chosen.__name__ = f"{chosen.__name__}_for_setup"
+    return chosen
+
+
 def make_setup(name: str, model_for, world: int, args, device):
     """(callable, the ranks that run it, facts) for one setup name."""
     if name == "eager1":
@@ -82,7 +104,7 @@ def make_setup(name: str, model_for, world: int, args, device):
             import torch._inductor.config as inductor_config
 
             inductor_config.cpp.vec_isa_ok = False
-        return torch.compile(model_for("plain")), [0], {}
+        return torch.compile(model_for("plain"), backend=own_backend("inductor")), [0], {}
     ranks = list(range(world))
     if name.startswith("pc_"):
         from paracompile import paracompile_backend
@@ -106,7 +128,7 @@ def make_setup(name: str, model_for, world: int, args, device):
         return compiled, ranks, {"options": {k: v for k, v in options.items()}}
     style = name.split("_", 1)[1]
     model = model_for(name)  # the peers change the model they parallelise: each gets its own copy
-    compile_backend = "eager" if args.tiny else "inductor"
+    compile_backend = own_backend("eager" if args.tiny else "inductor")
     if name.startswith("diffusers_"):
         from diffusers import ContextParallelConfig
 
@@ -125,6 +147,38 @@ def make_setup(name: str, model_for, world: int, args, device):
         parallelize_transformer(model, mesh=mesh)
         return torch.compile(model, backend=compile_backend), ranks, {}
     raise ValueError(f"unknown setup {name!r}")
+
+
+class StallWatchdog:
+    """Prints this rank's Python stacks when it made no progress (no setup call began) for `seconds`, and
+    again every `seconds` while the stall lasts. A Python thread that holds the GIL while it reads the
+    frames: faulthandler's timer reads them from a C thread without the GIL and crashed a rank mid-compile."""
+
+    def __init__(self, rank: int, seconds: float):
+        self.rank, self.seconds = rank, seconds
+        self.label, self.since = "start", time.monotonic()
+        self.stopped = threading.Event()
+        threading.Thread(target=self._watch, name="stall-watchdog", daemon=True).start()
+
+    def mark(self, label: str) -> None:
+        self.label, self.since = label, time.monotonic()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(self.seconds / 4):
+            stalled = time.monotonic() - self.since
+            if stalled < self.seconds:
+                continue
+            names = {thread.ident: thread.name for thread in threading.enumerate()}
+            lines = [f"rank {self.rank}: no progress for {stalled:.0f} s, last: {self.label}"]
+            for ident, frame in sys._current_frames().items():
+                if ident != threading.get_ident():
+                    lines.append(f"  thread {names.get(ident, ident)}:")
+                    lines.extend("    " + line.rstrip() for line in traceback.format_stack(frame)[-12:])
+            print("\n".join(lines), flush=True)
+            self.since = time.monotonic()
 
 
 def profile(run, steps: int, trace_path: str | None = None) -> dict:
@@ -173,8 +227,9 @@ def main() -> None:
     parser.add_argument("--paracompile-options", default=None, help="JSON merged into every pc_ setup's options")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--watchdog", type=float, default=0,
-                        help="seconds: from the first compile to the end, every rank prints its threads' stacks this "
-                        "often (pick more than the longest compile; a stall then shows where each rank waits)")
+                        help="seconds: a rank in which no setup call began for this long prints its threads' stacks, "
+                        "and again as often while it stays stalled (pick more than the longest compile: a stall then "
+                        "shows where each rank waits)")
     parser.add_argument("--trace", default="", help="comma list of setups whose profile is saved as a Chrome trace "
                         "(--out/trace_<setup>.json.gz) and read for idle gaps (benchmarks/gaps.py)")
     parser.add_argument("--out", default=".")
@@ -182,6 +237,8 @@ def main() -> None:
     for name in args.setups.split(","):
         check_setup_name(name)
 
+    # Each setup adds its own compiled frames to the model class's code objects (see own_backend).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(args.setups.split(",")))
     cuda = torch.cuda.is_available() and not args.tiny
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
@@ -207,11 +264,7 @@ def main() -> None:
     with torch.inference_mode():
         reference = model_for("plain")(**inputs)[0] if rank == 0 else None
     names = args.setups.split(",")
-    if args.watchdog:
-        # A stall (a hang between process groups, a recompile) shows where every rank is.
-        import faulthandler
-
-        faulthandler.dump_traceback_later(args.watchdog, repeat=True, exit=False)
+    watchdog = StallWatchdog(rank, args.watchdog) if args.watchdog else None
     setups, results = {}, {}
     for name in names:
         result = results[name] = dict(setup=name)
@@ -220,7 +273,9 @@ def main() -> None:
             result.update(facts, ranks=ranks)
             mine = rank in ranks
 
-            def call(runner=runner, mine=mine):
+            def call(runner=runner, mine=mine, name=name):
+                if watchdog is not None:
+                    watchdog.mark(name)
                 if mine:
                     with torch.inference_mode():
                         return runner(**inputs)[0]
@@ -257,6 +312,18 @@ def main() -> None:
             del setups[name]
             result.setdefault("error", "failed on another rank")
 
+    # One untimed round in round order first: a setup that recompiles when it runs after the others (seen
+    # on 2x H200 with the peers: the first interleaved round of FLUX 2+4 blocks took 72 s, minutes at full
+    # size) does it here, and the time each setup took says which one it was.
+    for name, call in setups.items():
+        sync()
+        start = time.perf_counter()
+        call()
+        sync()
+        results[name]["interleaved_warmup_s"] = round(time.perf_counter() - start, 2)
+    if rank == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] interleaved warm-up round (s): "
+              + json.dumps({name: results[name]["interleaved_warmup_s"] for name in setups}), flush=True)
     rounds = {name: [] for name in setups}
     for index in range(args.rounds):
         if rank == 0:
@@ -333,8 +400,8 @@ def main() -> None:
         sync()
 
     write_report("final")
-    if args.watchdog:
-        faulthandler.cancel_dump_traceback_later()
+    if watchdog is not None:
+        watchdog.stop()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -28,6 +28,7 @@ def test_interleaved_rounds_on_four_ranks(tmp_path):
         result = report["results"][name]
         assert "error" not in result, result.get("error")
         assert len(result["round_medians_ms"]) == 3, result
+        assert result["interleaved_warmup_s"] >= 0, result
         assert result["max_abs_diff_vs_eager1"] <= 1e-4, (name, result["max_abs_diff_vs_eager1"])
     assert report["results"]["pc_u2r2"]["options"]["mesh"] == {"ulysses": 2, "ring": 2}
     assert (tmp_path / "rounds_flux_tiny.md").read_text().count("| pc_") == 3
