@@ -7,7 +7,8 @@ torch calls `paracompile_backend(graph_module, example_inputs, options=...)` wit
 process: plain Inductor (with First Block Cache or CUDA graphs if asked). Several ranks, one linear pipeline:
   parse_options -> resolve_mesh (degrees checked, groups made) -> trace_to_aten -> resolve_auto ("auto"
   needs the graph's head counts) -> shard_batch -> shard_tokens (attention strategy per attention node)
-  -> compile_graph (First Block Cache's split, Inductor with the overlap patches, CUDA graphs) -> guarded
+  -> compile_graph (First Block Cache's split, compile once per block if asked, Inductor with the overlap
+  patches, CUDA graphs) -> guarded
   (the ranks' input check, forward only).
 Passes take what they need as arguments and never import this module; the only state kept here is the
 bounded registry of reports (`explanations`, `rewritten_graphs`).
@@ -27,7 +28,9 @@ from paracompile.explain import Report, describe_added_ops
 from paracompile.mesh import resolve_auto, resolve_mesh
 from paracompile.meta import attention_kind
 from paracompile.options import Options, inductor_patches, parse_options
-from paracompile.passes.first_block_cache import compile_with_first_block_cache
+from paracompile.passes.compile_blocks import compile_by_block
+from paracompile.passes.fake_propagation import propagate_fake_values
+from paracompile.passes.first_block_cache import compile_with_first_block_cache, is_aten_graph
 from paracompile.passes.shard_batch import shard_batch
 from paracompile.passes.shard_tokens import attention_nodes, self_attention_head_counts, shard_tokens
 from paracompile.passes.trace_to_aten import trace_to_aten
@@ -47,11 +50,12 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
     parsed = parse_options(options)
     plan = resolve_mesh(parsed.mesh)
     if plan.world_size == 1:
-        if parsed.threshold == 0 and not parsed.cuda_graphs:
+        if parsed.threshold == 0 and not parsed.cuda_graphs and not parsed.compile_blocks:
             return compile_graph(gm, example_inputs, parsed)  # plain Inductor: exact gradients included
         with torch.no_grad():
             compiled = compile_graph(gm, example_inputs, parsed)
-        return guarded(compiled, _NO_BACKWARD_WITH_CACHE if parsed.threshold > 0 else _NO_BACKWARD_WITH_GRAPHS)
+        return guarded(compiled, _NO_BACKWARD_WITH_CACHE if parsed.threshold > 0 else
+                       _NO_BACKWARD_WITH_GRAPHS if parsed.cuda_graphs else _NO_BACKWARD_BY_BLOCK)
 
     aten_graph = trace_to_aten(gm, example_inputs)
     check = InputCheck([node.target for node in aten_graph.graph.nodes if node.op == "placeholder"],
@@ -100,6 +104,9 @@ _NO_BACKWARD_ON_MESH = (
 _NO_BACKWARD_WITH_GRAPHS = (
     "paracompile: backward through CUDA graphs (cuda_graphs=True or mode='reduce-overhead') is not supported: "
     "the graphs replay the forward only. Turn them off to train")
+_NO_BACKWARD_BY_BLOCK = (
+    "paracompile: backward through compile_blocks=True is not supported yet: the blocks are compiled for "
+    "inference. Turn it off to train")
 _NO_BACKWARD_WITH_CACHE = (
     "paracompile: backward through First Block Cache (threshold > 0) is not supported: a skipped step reuses "
     "residuals of an earlier call. Set threshold to 0 to train")
@@ -110,15 +117,36 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options, na
         # First Block Cache: splits the graph around the block loop and compiles each part through this
         # function again, with threshold 0 (passes/first_block_cache.py).
         return compile_with_first_block_cache(gm, example_inputs, options, compile_graph, explanations.append)
-    if options.compiler == "eager":
-        compiled = gm.forward
-    else:
-        from torch._inductor.compile_fx import compile_fx
-
-        compiled = compile_fx(gm, example_inputs, config_patches=inductor_config(attention_kinds(gm), options))
+    compiled = compile_each_block_once(gm, example_inputs, options) if options.compile_blocks else None
+    if compiled is None:
+        compiled = compile_whole(gm, example_inputs, options)
     if options.cuda_graphs:
         return with_cuda_graphs(compiled, gm, example_inputs, name)
     return compiled
+
+
+def compile_whole(gm: fx.GraphModule, example_inputs: list, options: Options) -> Callable:
+    if options.compiler == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=inductor_config(attention_kinds(gm), options))
+
+
+def compile_each_block_once(gm: fx.GraphModule, example_inputs: list, options: Options) -> Optional[Callable]:
+    """`gm` cut into its blocks and the glue between them, each distinct part compiled once
+    (passes/compile_blocks.py); None when the graph has no block loop (then it is compiled whole)."""
+    if not is_aten_graph(gm):
+        gm = trace_to_aten(gm, example_inputs)
+    if not all("val" in node.meta for node in gm.graph.nodes if node.op != "output"):
+        propagate_fake_values(gm, keep_guards=options.compiler != "eager")
+
+    def record(line: str) -> None:
+        explanations.append(line)
+        if options.explain:
+            logger.warning(line)
+
+    return compile_by_block(gm, lambda part, examples, name: compile_whole(part, examples, options), record)
 
 
 def overlap_patches(attention_kinds: set) -> dict[str, Any]:

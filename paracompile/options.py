@@ -26,6 +26,7 @@ class Options:
     check_inputs: str = "first"
     cuda_graphs: bool = False
     ulysses_chunks: int = 1
+    compile_blocks: bool = False
 
 
 _TYPES = {
@@ -40,6 +41,7 @@ _TYPES = {
     "check_inputs": (str,),
     "cuda_graphs": (bool,),
     "ulysses_chunks": (int,),
+    "compile_blocks": (bool,),
 }
 
 

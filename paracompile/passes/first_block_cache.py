@@ -107,8 +107,10 @@ class BlockRegion:
         return ", ".join(f"{_dotted(path)} ({count} block{'s' if count != 1 else ''})" for path, count in counts.items())
 
 
-def find_block_region(nodes: list[fx.Node]) -> BlockRegion:
-    """The outermost ModuleList(s) whose children hold attention and run one after another."""
+def find_block_region(nodes: list[fx.Node], whole_loop: bool = True) -> BlockRegion:
+    """The outermost ModuleList(s) whose children hold attention and run one after another. `whole_loop`:
+    the graph must run every child from 0 (the cache skips them all); without it, any run of children
+    will do (a part of First Block Cache's split holds children 1..n)."""
     positions: dict = {}
     for position, node in enumerate(nodes):
         block = block_of(node) if node.op == "call_function" else None
@@ -128,7 +130,7 @@ def find_block_region(nodes: list[fx.Node]) -> BlockRegion:
     blocks = []
     for path in lists:
         indices = sorted(index for list_path, index in positions if list_path == path)
-        if indices != list(range(len(indices))):
+        if whole_loop and indices != list(range(len(indices))):
             raise CacheUnavailable(
                 f"{_dotted(path)} runs children {indices} in this graph, not 0..n-1: the graph holds only part of "
                 "the block loop (a graph break inside it?)")
@@ -678,7 +680,7 @@ def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, opt
     each part (the backend's, with threshold 0); `record` keeps the cache's report (the backend's registry
     of explanations)."""
     plain_options = dataclasses.replace(options, threshold=0.0)
-    if not _is_aten_graph(gm):
+    if not is_aten_graph(gm):
         gm = trace_to_aten(gm, example_inputs)
     # Inductor compiles the parts from these shapes, so the guards the propagation needs must hold; the
     # eager compiler runs real tensors, and a guard on this rank's local size would only make the ranks
@@ -754,6 +756,6 @@ def _check_timestep_found(plan: CachePlan, options: Options, gm: fx.GraphModule)
         "paracompile.reset_cache() between generations")
 
 
-def _is_aten_graph(gm: fx.GraphModule) -> bool:
+def is_aten_graph(gm: fx.GraphModule) -> bool:
     """Dynamo's graph describes its inputs with `example_value`; traced aten graphs with `val`."""
     return all("val" in node.meta for node in gm.graph.nodes if node.op == "placeholder")

@@ -1,0 +1,187 @@
+"""Compile once per distinct block (`compile_blocks=True`, paracompile/passes/compile_blocks.py): the graph is
+cut into its blocks and the glue between them, parts that are the same graph share one compiled part, and
+the output equals eager. The fast tier runs one process with the eager compiler (a part that shared code it
+must not share would compute with another block's constants and differ from eager); the slow tier runs
+Ulysses 2 and Ring 2 on two ranks, First Block Cache on top, and Inductor."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import paracompile.backend as backend
+from paracompile.passes.compile_blocks import structural_key
+from tests.conftest import assert_matches, run_compiled_vs_eager, without_callables
+from tests.multiprocess import run_on_ranks
+from tests.tiny_models import CASES
+
+
+def _flux(double=3, single=4):
+    """The suite's tiny FLUX with more blocks: 3 double + 4 single."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    base = CASES["flux"].build()
+    config = dict(base.config)
+    config.update(num_layers=double, num_single_layers=single)
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
+
+
+class ScaledBlock(nn.Module):
+    """Self-attention whose output is scaled by a Python float and shifted by a tensor made in forward:
+    both end up as constants in the graph, one per block, so no two blocks are the same graph."""
+
+    def __init__(self, index: int, width: int = 16, heads: int = 2):
+        super().__init__()
+        self.index, self.heads = index, heads
+        self.qkv = nn.Linear(width, 3 * width)
+
+    def forward(self, x):
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, width)
+        return x + attended * (0.5 + self.index) + torch.tensor([float(self.index)] * width)
+
+
+class Stack(nn.Module):
+    def __init__(self, blocks: int = 3):
+        super().__init__()
+        self.blocks = nn.ModuleList(ScaledBlock(i) for i in range(blocks))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x.mean(dim=1)
+
+
+def _compile_counting(model, inputs: dict, options: dict, monkeypatch):
+    """(output, explain lines, how many graphs the backend compiled)."""
+    compiled_parts = []
+    original = backend.compile_whole
+
+    def counting(gm, example_inputs, parsed):
+        compiled_parts.append(gm)
+        return original(gm, example_inputs, parsed)
+
+    monkeypatch.setattr(backend, "compile_whole", counting)
+    torch._dynamo.reset()
+    backend.explanations.clear()
+    with torch.no_grad():
+        output = torch.compile(model, backend="paracompile", options=options)(**inputs)
+    return output, list(backend.explanations), len(compiled_parts)
+
+
+def test_flux_blocks_are_compiled_once_per_distinct_block_and_match_eager(monkeypatch):
+    model, inputs = _flux(), CASES["flux"].make_inputs()
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+    output, lines, compiled = _compile_counting(model, inputs, {"compiler": "eager", "compile_blocks": True},
+                                                monkeypatch)
+    assert torch.equal(output[0], expected)
+    line = next(line for line in lines if line.startswith("compile once per block"))
+    # 7 blocks + glue before, between the two loops, after; the 3 double blocks are one graph, and the single
+    # blocks between the first and the last (which read the loop's input and feed the output) another.
+    assert "(7 blocks)" in line, line
+    assert "transformer_blocks.0 .. transformer_blocks.2 (3) share one" in line, line
+    assert "single_transformer_blocks.1 .. single_transformer_blocks.2 (2) share one" in line, line
+    parts = int(line.split(": ")[1].split(" parts")[0])
+    assert compiled == parts - 3, (compiled, line)
+
+
+def test_blocks_that_differ_in_a_constant_are_compiled_apart(monkeypatch):
+    torch.manual_seed(0)
+    model, x = Stack().eval(), torch.randn(2, 8, 16)
+    with torch.no_grad():
+        expected = model(x)
+    output, lines, compiled = _compile_counting(model, {"x": x}, {"compiler": "eager", "compile_blocks": True},
+                                                monkeypatch)
+    assert torch.equal(output, expected)
+    line = next(line for line in lines if line.startswith("compile once per block"))
+    assert "no two blocks alike" in line and compiled == int(line.split(": ")[1].split(" parts")[0]), line
+
+
+def test_a_graph_without_a_block_loop_is_compiled_whole(monkeypatch):
+    torch.manual_seed(0)
+    block, x = ScaledBlock(1).eval(), torch.randn(2, 8, 16)
+    with torch.no_grad():
+        expected = block(x)
+    output, lines, compiled = _compile_counting(block, {"x": x}, {"compiler": "eager", "compile_blocks": True},
+                                                monkeypatch)
+    assert torch.equal(output, expected) and compiled == 1
+    assert any(line.startswith("compile once per block: off (no ModuleList") for line in lines), lines
+
+
+def test_backward_through_compiled_blocks_raises():
+    torch.manual_seed(0)
+    model, x = Stack(), torch.randn(2, 8, 16)
+    torch._dynamo.reset()
+    output = torch.compile(model, backend="paracompile", options={"compiler": "eager", "compile_blocks": True})(x)
+    with pytest.raises(RuntimeError, match="compile_blocks=True is not supported"):
+        output.sum().backward()
+
+
+def test_structural_key_ignores_names_and_sees_constants():
+    def traced(scale: float, name: str) -> fx.GraphModule:
+        def block(x, w):
+            return torch.relu(x @ w) * scale
+
+        gm = fx.symbolic_trace(block)
+        for node in gm.graph.nodes:
+            node.name = f"{name}_{node.name}"
+            if node.op == "placeholder":
+                node.meta["val"] = torch.empty(4, 4)
+        gm.recompile()
+        return gm
+
+    assert structural_key(traced(2.0, "first")) == structural_key(traced(2.0, "second"))
+    assert structural_key(traced(2.0, "first")) != structural_key(traced(3.0, "first"))
+
+
+def test_compile_blocks_must_be_bool():
+    from paracompile.options import parse_options
+
+    with pytest.raises(ValueError, match="option 'compile_blocks' must be bool"):
+        parse_options({"compile_blocks": 1})
+
+
+# ---------------------------------------------------------------------------------------------------- ranks
+
+SCENARIOS = {
+    "ulysses2": dict(mesh={"ulysses": 2}, compiler="eager"),
+    "ring2": dict(mesh={"ring": 2}, compiler="eager"),
+    "ulysses2_fbcache": dict(mesh={"ulysses": 2}, compiler="eager", threshold=0.05),
+    "ring2_inductor": dict(mesh={"ring": 2}, compiler="inductor"),
+}
+
+
+def _run_world(rank, world_size):
+    results = {}
+    for name, options in SCENARIOS.items():
+        torch._dynamo.reset()
+        results[name] = without_callables(run_compiled_vs_eager(
+            _flux(), CASES["flux"].make_inputs(), dict(options, compile_blocks=True, check_inputs="off"),
+            output_of=lambda out: out[0]))
+    return results
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_on_ranks(_run_world, 2, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_blocks_compiled_once_on_two_ranks_match_eager(two_ranks, name):
+    for rank, results in enumerate(two_ranks):
+        result = results[name]
+        assert result["error"] is None, result["error"]
+        assert_matches(result["output"], result["expected"], f"rank {rank} {name}")
+        lines = [line for report in result["explanations"] for line in report.splitlines()
+                 if line.startswith("compile once per block")]
+        # With the cache, block 0 runs in the cache's head part; the rest part holds the other blocks.
+        shared = ("transformer_blocks.1 .. transformer_blocks.2 (2) share one" if "fbcache" in name
+                  else "transformer_blocks.0 .. transformer_blocks.2 (3) share one")
+        assert any(shared in line for line in lines), lines
