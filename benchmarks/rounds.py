@@ -203,7 +203,10 @@ def profile(run, steps: int, trace_path: str | None = None) -> dict:
         with open(trace_path, "rb") as source, gzip.open(trace_path + ".gz", "wb") as target:
             shutil.copyfileobj(source, target)
         os.remove(trace_path)
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    # The profiler also lists each collective's annotation (`nccl:all_to_all`) as a CUDA event spanning its
+    # kernel: counting it would count every collective twice.
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and not e.name.startswith("nccl:")]
     intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy, end = 0.0, float("-inf")
     for start, stop in intervals:

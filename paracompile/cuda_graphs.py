@@ -27,10 +27,12 @@ the allocator's cached blocks are released, so peak reserved memory stays near t
 Shutdown: NCCL will not destroy a communicator while a CUDA graph that captured one of its collectives is
 alive (its destroy waits for the graph's reference, pytorch#115388), and compiled steps live until the
 interpreter's teardown, after a script's `destroy_process_group()`: that call would hang. So the first
-capture wraps `torch.distributed.destroy_process_group` (and registers an exit handler) to release every
-step's graphs first; `release_cuda_graphs()` does the same by hand. A step whose graphs were released
-captures anew on its next call. The steps are tracked in one process-wide weak set, because NCCL's
-communicators are process-wide too.
+graphed step wraps `torch.distributed.destroy_process_group` (and registers an exit handler) to release
+every step's graphs first; `release_cuda_graphs()` does the same by hand (for a `destroy_process_group`
+imported by name before that). Destroying any group releases every step's graphs (paracompile's own mesh
+groups are subgroups); a step whose graphs were released captures anew on its next call. The steps are
+tracked in one process-wide weak set, because NCCL's communicators are process-wide too. A step is meant to
+be called from one thread at a time, as a model's forward is.
 """
 from __future__ import annotations
 
@@ -86,6 +88,7 @@ class CudaGraphStep:
         self.disabled: Optional[str] = None
         self.captures = 0
         self.replays = 0
+        _release_before_destroy()
 
     def __call__(self, *args):
         if self.disabled is not None:
@@ -165,7 +168,6 @@ class CudaGraphStep:
         buffers = {position: value.clone() for position, value in enumerate(args)
                    if isinstance(value, torch.Tensor) and position not in self.weights}
         inputs = [buffers.get(position, value) for position, value in enumerate(args)]
-        _release_before_destroy()
         replay, outputs = self.capturer(self.compiled, inputs)
         self.captures += 1
         CudaGraphStep.live.add(self)
@@ -182,11 +184,11 @@ class CudaGraphStep:
                       stacklevel=3)
 
 
-def release_cuda_graphs() -> int:
+def release_cuda_graphs(synchronize: bool = True) -> int:
     """Releases the CUDA graphs of every paracompile step in this process; returns how many steps held
     some. Runs by itself before `torch.distributed.destroy_process_group` and at exit (see Shutdown)."""
     steps = [step for step in list(CudaGraphStep.live) if step.graphs]
-    if steps and torch.cuda.is_available() and torch.cuda.is_initialized():
+    if synchronize and steps and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()  # a replay still running reads the graphs' memory
     for step in steps:
         step.release()
@@ -213,4 +215,6 @@ def _release_before_destroy() -> None:
     distributed_c10d.destroy_process_group = destroy_process_group
     if getattr(dist, "destroy_process_group", None) is original:
         dist.destroy_process_group = destroy_process_group
-    atexit.register(release_cuda_graphs)
+    # At exit, no synchronize: after a peer died mid-collective it would wait out NCCL's timeout, and CUDA
+    # frees a graph that is still running once it finishes.
+    atexit.register(release_cuda_graphs, synchronize=False)

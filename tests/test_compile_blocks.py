@@ -185,3 +185,62 @@ def test_blocks_compiled_once_on_two_ranks_match_eager(two_ranks, name):
         shared = ("transformer_blocks.1 .. transformer_blocks.2 (2) share one" if "fbcache" in name
                   else "transformer_blocks.0 .. transformer_blocks.2 (3) share one")
         assert any(shared in line for line in lines), lines
+
+
+class ScalarConstantBlock(ScaledBlock):
+    """A 0-d tensor made in forward: a constant the key must hash (and can)."""
+
+    def forward(self, x):
+        return super().forward(x) * torch.tensor(1.0 + self.index)
+
+
+def test_zero_dim_constants_are_keyed_and_the_output_matches(monkeypatch):
+    torch.manual_seed(0)
+    model, x = Stack(), torch.randn(2, 8, 16)
+    model.blocks = nn.ModuleList(ScalarConstantBlock(i) for i in range(3))
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    output, lines, _ = _compile_counting(model, {"x": x}, {"compiler": "eager", "compile_blocks": True}, monkeypatch)
+    assert torch.equal(output, expected)
+    assert any(line.startswith("compile once per block: ") and "off" not in line for line in lines), lines
+
+
+def test_values_are_released_after_their_last_reader():
+    """Each block's streams go once the part after it has read them: peak memory does not grow with the
+    number of blocks."""
+    import weakref
+
+    from paracompile.passes.compile_blocks import RunByBlock, split_by_block
+    from paracompile.passes.trace_to_aten import trace_to_aten
+
+    torch.manual_seed(0)
+    model, x = Stack(blocks=5).eval(), torch.randn(2, 8, 16)
+    captured = {}
+
+    def keep_graph(gm, example_inputs):
+        captured["gm"], captured["inputs"] = trace_to_aten(gm, example_inputs), list(example_inputs)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = torch.compile(model, backend=keep_graph)(x)
+    split = split_by_block(captured["gm"])
+    produced, alive_at_call = [], []
+
+    def recording(part):
+        def run(*args):
+            alive_at_call.append(sum(ref() is not None for ref in produced))
+            outputs = part.graph_module.forward(*args)
+            produced.extend(weakref.ref(t) for t in outputs if isinstance(t, torch.Tensor))
+            return outputs
+        return run
+
+    runner = RunByBlock(split, {part.key: None for part in split.parts})
+    runner.steps = [(recording(part), inputs, outputs, done)
+                    for (_, inputs, outputs, done), part in zip(runner.steps, split.parts)]
+    with torch.no_grad():
+        output = runner(*captured["inputs"])
+    assert torch.equal(output[0] if isinstance(output, (list, tuple)) else output, expected)
+    # When a part runs, only what the part before it produced is still alive (its own inputs).
+    assert max(alive_at_call) <= 1, alive_at_call

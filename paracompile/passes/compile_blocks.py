@@ -86,12 +86,16 @@ def split_by_block(gm: fx.GraphModule) -> BlockSplit:
     placeholders = [node for node in nodes if node.op == "placeholder"]
     output_node = nodes[-1]
     part_of: dict[fx.Node, int] = {}
-    members: list[list[fx.Node]] = []
     for index, (first, last, _, _) in enumerate(bounds):
-        chosen = [node for node in nodes[first:last + 1] if node.op not in ("placeholder", "output", "get_attr")]
-        members.append(chosen)
-        for node in chosen:
-            part_of[node] = index
+        for node in nodes[first:last + 1]:
+            if node.op not in ("placeholder", "output", "get_attr"):
+                # An element of a tuple stays with the op that made the tuple: parts pass tensors, not tuples.
+                producer = node.args[0] if node.target is operator.getitem else None
+                part_of[node] = part_of.get(producer, index) if isinstance(producer, fx.Node) else index
+    members: list[list[fx.Node]] = [[] for _ in bounds]
+    for node in nodes:
+        if node in part_of:
+            members[part_of[node]].append(node)
 
     later_readers: dict[fx.Node, set] = {}
     for node in nodes:
@@ -161,21 +165,29 @@ def structural_key(gm: fx.GraphModule) -> str:
             return "{" + ", ".join(f"{k}: {argument(v)}" for k, v in value.items()) + "}"
         return repr(value)
 
+    storages: dict = {}  # inputs that share storage are aliases: which ones is part of the function
     for position, node in enumerate(gm.graph.nodes):
         index[node] = position
         if node.op == "placeholder":
-            lines.append(f"input {_describe_value(node.meta.get('val'))}")
+            value = node.meta.get("val")
+            alias = ""
+            if isinstance(value, torch.Tensor):
+                try:
+                    storage = value.untyped_storage()
+                    alias = f" alias {storages.setdefault(id(storage), position)} offset {value.storage_offset()}"
+                except (NotImplementedError, RuntimeError):  # a tensor without storage (some subclasses)
+                    alias = f" no storage {id(value)}"
+            lines.append(f"input {_describe_value(value)}{alias}")
         elif node.op == "get_attr":
             lines.append(f"constant {_describe_constant(_fetch_attr(gm, node.target))}")
         elif node.op == "call_module":
             lines.append(f"module {id(_fetch_attr(gm, node.target))}")  # never equal to another part's
         else:
             target = node.target
-            name = target if isinstance(target, str) else getattr(target, "__qualname__", None) or repr(target)
-            if isinstance(target, torch._ops.OpOverload) or target is operator.getitem:
-                name = str(target)
-            module = getattr(target, "__module__", "") if not isinstance(target, str) else ""
-            lines.append(f"{node.op} {module}.{name}({argument(node.args)}, {argument(node.kwargs)})")
+            # The target object itself (ops and functions are the same objects in every part that calls
+            # them; two closures with one name are not), its name for whoever reads the key.
+            name = target if isinstance(target, str) else f"{getattr(target, '__qualname__', target)} #{id(target)}"
+            lines.append(f"{node.op} {name}({argument(node.args)}, {argument(node.kwargs)})")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
@@ -188,7 +200,11 @@ def _fetch_attr(gm: fx.GraphModule, target: str):
 
 def _describe_value(value: Any) -> str:
     if isinstance(value, torch.Tensor):
-        return f"tensor {tuple(map(str, value.shape))} {tuple(map(str, value.stride()))} {value.dtype} {value.device}"
+        kind = type(value).__qualname__  # a quantized weight's subclass reports its logical dtype
+        if hasattr(value, "__tensor_flatten__"):
+            kind += f" {value.__tensor_flatten__()[1]!r}"
+        return (f"{kind} {tuple(map(str, value.shape))} {tuple(map(str, value.stride()))} {value.dtype} "
+                f"{value.device}")
     if isinstance(value, torch.SymInt):
         return f"symint {value.node.expr}"
     return f"{type(value).__name__} {value!r}"
@@ -196,7 +212,7 @@ def _describe_value(value: Any) -> str:
 
 def _describe_constant(value: Any) -> str:
     if isinstance(value, torch.Tensor):
-        data = value.detach().cpu().contiguous()
+        data = value.detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot be viewed as bytes
         digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
         return f"{_describe_value(value)} {digest}"
     return f"{type(value).__name__} {id(value)}"
@@ -207,15 +223,28 @@ class RunByBlock:
 
     def __init__(self, split: BlockSplit, compiled: dict[str, Callable]):
         self.placeholders = split.placeholders
-        self.steps = [(compiled[part.key], part.inputs, part.outputs) for part in split.parts]
         self.output = split.output
         self.constants = split.constants
+        # A value is dropped after the last part that reads it (not the output's): holding every block's
+        # streams until the call returns would grow peak memory with the number of blocks.
+        kept: set = set()
+        fx.node.map_arg(split.output, lambda node: kept.add(node) or node)
+        last_reader: dict[fx.Node, int] = {}
+        for step, part in enumerate(split.parts):
+            for node in part.inputs:
+                last_reader[node] = step
+        self.steps = []
+        for step, part in enumerate(split.parts):
+            done = [node for node in part.inputs if last_reader[node] == step and node not in kept]
+            self.steps.append((compiled[part.key], part.inputs, part.outputs, done))
 
     def __call__(self, *args):
         env: dict[fx.Node, Any] = dict(self.constants)
         env.update(zip(self.placeholders, args))
-        for run, inputs, outputs in self.steps:
+        for run, inputs, outputs, done in self.steps:
             results = run(*[env[node] for node in inputs])
+            for node in done:
+                del env[node]
             env.update(zip(outputs, results))
         return fx.map_arg(self.output, env.__getitem__)
 
@@ -227,9 +256,10 @@ def compile_by_block(gm: fx.GraphModule, compile_part: Callable[[fx.GraphModule,
     compiles one part; `record` receives the explain line."""
     try:
         split = split_by_block(gm)
-    except BlocksUnavailable as error:
+    except Exception as error:  # BlocksUnavailable, or a graph this pass does not handle: compile it whole
+        reason = str(error) if isinstance(error, BlocksUnavailable) else f"{type(error).__name__}: {error}"
         if record is not None:
-            record(f"compile once per block: off ({error}); the graph is compiled whole")
+            record(f"compile once per block: off ({reason}); the graph is compiled whole")
         return None
     compiled = {key: compile_part(group[0].graph_module, group[0].example_inputs, group[0].name)
                 for key, group in split.distinct().items()}
