@@ -73,8 +73,26 @@ def _run_world(rank, world_size):
             result = run_compiled_vs_eager(case.build(), case.make_inputs(seed=0, size="uneven", batch=batch),
                                            {"compiler": "eager", "mesh": mesh}, case.output, record=False)
             results[(scenario, model_name)] = without_callables(result)
+    if world_size == 2:
+        # The rotary table multiplies first (HiDream): the pointwise rule keeps q's segments (test_plans.py).
+        from tests.test_plans import TableTimesJointQueries, table_inputs
+
+        for mesh in ({"ring": 2}, {"ulysses": 2}):
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            model = TableTimesJointQueries(table_first=True).eval()
+            results[("table_first", next(iter(mesh)))] = without_callables(
+                run_compiled_vs_eager(model, table_inputs(), {"compiler": "eager", "mesh": mesh}, record=False))
     torch._dynamo.reset()
     return results
+
+
+@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
+def test_rotary_table_first_matches_eager(world2, strategy):
+    ranks = world2[("table_first", strategy)]
+    assert_ranks_match(ranks, f"table first, {strategy}")
+    for result in ranks:
+        assert f"{strategy} over 2 ranks" in result["explanations"][-1], result["explanations"][-1]
 
 
 @pytest.fixture(scope="module")

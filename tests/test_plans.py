@@ -92,3 +92,52 @@ def test_a_broken_rule_shows_in_the_plan(fake_rank0, monkeypatch):
         monkeypatch.setattr(sharding_rules.REGISTRY[overload], "rule", declines)
     plan = plan_of("flux", {"ulysses": 2})
     assert len(plan.get("gathered", [])) > PLANS["flux"][1], plan.get("gathered")
+
+
+class TableTimesJointQueries(torch.nn.Module):
+    """HiDream's rotary embedding in miniature: q, k, v concatenate image and text tokens (two segments),
+    while the rotary table arrives as one input over all tokens (one segment), and multiplies first."""
+
+    def __init__(self, width=32, heads=4, table_first=True):
+        super().__init__()
+        self.heads, self.table_first = heads, table_first
+        self.image_qkv = torch.nn.Linear(width, 3 * width)
+        self.text_qkv = torch.nn.Linear(width, 3 * width)
+        self.out = torch.nn.Linear(width, width)
+
+    def forward(self, image, text, cos):
+        batch, width = image.shape[0], image.shape[-1]
+        qkv = torch.cat([self.image_qkv(image), self.text_qkv(text)], dim=1)
+        tokens = qkv.shape[1]
+        q, k, v = qkv.view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        if self.table_first:
+            q, k = cos * q, cos * k
+        else:
+            q, k = q * cos, k * cos
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(attended.transpose(1, 2).reshape(batch, tokens, width))
+
+
+def table_inputs():
+    generator = torch.Generator().manual_seed(0)
+    return dict(image=torch.randn(1, 16, 32, generator=generator), text=torch.randn(1, 6, 32, generator=generator),
+                cos=torch.randn(22, 8, generator=generator))
+
+
+@pytest.mark.parametrize("table_first", [True, False])
+@pytest.mark.parametrize("mesh", [{"ulysses": 2}, {"ring": 2}])
+def test_a_pointwise_op_keeps_the_split_of_its_costlier_operand_whatever_the_order(fake_rank0, mesh, table_first):
+    """`cos * q` and `q * cos` plan alike: the table is re-sliced to q's text and image segments (free:
+    it was cut from a full input), q is not re-split (a gather), and Ring finds q, k and v split alike."""
+    torch.manual_seed(0)
+    model = TableTimesJointQueries(table_first=table_first).eval()
+    torch._dynamo.reset()
+    backend.explanations.clear()
+    with torch.no_grad():
+        torch.compile(model, backend="paracompile",
+                      options={"compiler": "eager", "mesh": mesh, "check_inputs": "off"})(**table_inputs())
+    report = backend.explanations[-1]
+    assert "ring over 2 ranks" in report if "ring" in mesh else "ulysses over 2 ranks" in report, report
+    assert "query segments ['16', '6'], key segments ['16', '6']" in report or "ring" not in mesh, report
+    assert "re-split" not in report, report
+    assert "gathered to full tensors: 1\n    - linear_2: graph output" in report, report

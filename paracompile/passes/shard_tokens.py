@@ -222,6 +222,16 @@ class TokenShardingRewriter:
             value.resliced[key] = collectives.slice_to_layout(self.builder, source, layout, self.group)
         return value.resliced[key]
 
+    def conversion_cost(self, node: fx.Node, layout: TokenLayout) -> int:
+        """What `sharded(node, layout)` would cost: 0 when the node has that layout, or when its full value
+        is at hand (a slice); 1 when it would have to be gathered first."""
+        value = self.env.get(node)
+        if not isinstance(value, Value):
+            return 0
+        if (value.layout is not None and value.layout == layout) or layout.key() in value.resliced:
+            return 0
+        return 0 if value.replicated is not None else 1
+
     def better_source_segments(self) -> dict[fx.Node, tuple]:
         """For each re-split of this round: the source whose cut, made with the needed segments instead,
         would have made the re-split unnecessary. A source qualifies when the re-split value descends from
@@ -335,7 +345,7 @@ class TokenShardingRewriter:
         sharded_inputs = [n for n in inputs if self.layout_of(n) is not None]
         if sharded_inputs:
             rule = rule_for(node)
-            sharding = rule(OpView(node, self.layout_of)) if rule is not None else None
+            sharding = rule(OpView(node, self.layout_of, self.conversion_cost)) if rule is not None else None
             if sharding is not None:
                 if not self._writes_own_storage(node, sharding.inputs):
                     self._write_into_full_tensor(node)

@@ -45,12 +45,23 @@ class Sharding:
     patch: Optional[Callable] = None
 
 
-class OpView:
-    """Read access to one node: arguments by schema name, global shapes, and the current input layouts."""
+def gather_to_change(node: fx.Node, layout: TokenLayout, have: Layout) -> int:
+    """The cost of giving `node` (held with layout `have`) the layout `layout`, without knowing more: 0 when
+    it already has it, else 1 (a gather, then a slice)."""
+    return 0 if have is not None and have == layout else 1
 
-    def __init__(self, node: fx.Node, layout_of: Callable[[fx.Node], Layout]):
+
+class OpView:
+    """Read access to one node: arguments by schema name, global shapes, and the current input layouts.
+
+    `cost(node, layout)` says what giving an input another layout costs (0: nothing, or a slice of a full
+    value the pass still holds; 1: a gather): the rewriter knows which values it holds whole."""
+
+    def __init__(self, node: fx.Node, layout_of: Callable[[fx.Node], Layout],
+                 cost: Optional[Callable[[fx.Node, TokenLayout], int]] = None):
         self.node = node
         self.layout_of = layout_of
+        self.cost = cost or (lambda value, layout: gather_to_change(value, layout, layout_of(value)))
         schema = node.target._schema
         self.args: dict[str, Any] = {}
         for index, argument in enumerate(schema.arguments):
@@ -259,22 +270,31 @@ POINTWISE = [
 
 @rule(*POINTWISE, declines_when="its inputs carry the token axis on dims that do not line up")
 def pointwise(view: OpView) -> Optional[Sharding]:
+    """Each sharded input's layout is a candidate for all of them; the one whose conversions of the other
+    inputs cost least wins, the first input's on a tie. So `cos * q` takes q's split (text and image
+    segments) rather than re-splitting q to the rotary table's one segment: the table, cut from a full
+    input, is re-sliced for free, while q would need a gather (HiDream's rotary embedding)."""
     names = view.tensor_args()
-    found = first_sharded(view, names)
-    if found is None:
-        return None
-    first_name, first_layout = found
     out_ndim = len(view.out_shape)
-    out_dim = first_layout.dim + out_ndim - len(view.shape(view[first_name]))
-    if out_dim < 0:
-        return None
-    inputs = {}
-    for name in names:
-        shape = view.shape(view[name])
-        dim = out_dim - (out_ndim - len(shape))
-        if dim >= 0 and not same_size(shape[dim], 1):
-            inputs[name] = first_layout.at_dim(dim)
-    return Sharding(TokenLayout(out_dim, first_layout.segments), inputs)
+    best: Optional[tuple[int, Sharding]] = None
+    for candidate_name in names:
+        candidate = view.layout(candidate_name)
+        if candidate is None:
+            continue
+        out_dim = candidate.dim + out_ndim - len(view.shape(view[candidate_name]))
+        if out_dim < 0:
+            continue
+        inputs, cost = {}, 0
+        for name in names:
+            shape = view.shape(view[name])
+            dim = out_dim - (out_ndim - len(shape))
+            if dim >= 0 and not same_size(shape[dim], 1):
+                inputs[name] = candidate.at_dim(dim)
+                if view.layout(name) is not None or name == candidate_name:
+                    cost += view.cost(view.args[name], inputs[name])
+        if best is None or cost < best[0]:
+            best = (cost, Sharding(TokenLayout(out_dim, candidate.segments), inputs))
+    return best[1] if best is not None else None
 
 
 @rule(aten.type_as)
