@@ -1,7 +1,7 @@
 """Ring attention, Ulysses x Ring and the batch mesh dim, against single-process eager.
 
 Every mesh of the options table on the toy DiT (2 and 4 ranks, uneven token counts, text masks, batch 2),
-the ten tiny diffusers models under Ring 2 on 2 ranks, a subset under Ulysses 2 x Ring 2 and batch 2 x
+the eleven tiny diffusers models under Ring 2 on 2 ranks, a subset under Ulysses 2 x Ring 2 and batch 2 x
 Ring 2 on 4 ranks, and Ring 2 through Inductor once. Each world size's runs share one set of spawned
 ranks (a fixture per world size); results are checked per scenario.
 """
@@ -35,7 +35,7 @@ TOY_SCENARIOS = {
 # name -> (world size, mesh, models, batch)
 MODEL_SCENARIOS = {
     "ring2": (2, {"ring": 2}, ["flux", "sd3", "wan_t2v", "wan_i2v", "hunyuan_video", "cogvideox", "mochi",
-                               "ltx_video", "qwen_image", "pixart"], 1),
+                               "ltx_video", "qwen_image", "pixart", "hidream"], 1),
     "ulysses2_ring2": (4, {"ulysses": 2, "ring": 2}, ["flux", "wan_i2v", "hunyuan_video", "qwen_image"], 1),
     "batch2_ring2": (4, {"batch": 2, "ring": 2}, ["flux", "ltx_video"], 2),
 }
@@ -83,8 +83,42 @@ def _run_world(rank, world_size):
             model = TableTimesJointQueries(table_first=True).eval()
             results[("table_first", next(iter(mesh)))] = without_callables(
                 run_compiled_vs_eager(model, table_inputs(), {"compiler": "eager", "mesh": mesh}, record=False))
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        results[("values_split_apart", "ring")] = without_callables(run_compiled_vs_eager(
+            ValuesFromOneInput().eval(), dict(table_inputs(), values=torch.randn(1, 4, 22, 8)),
+            {"compiler": "eager", "mesh": {"ring": 2}}, record=False))
     torch._dynamo.reset()
     return results
+
+
+class ValuesFromOneInput(torch.nn.Module):
+    """Keys concatenate image and text tokens (two segments); values arrive as one input over all tokens
+    (one segment). Ring sends keys and values together, so the values are re-cut to the keys' split (before,
+    ring attention refused such a graph)."""
+
+    def __init__(self, width=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.image_qk = torch.nn.Linear(width, 2 * width)
+        self.text_qk = torch.nn.Linear(width, 2 * width)
+
+    def forward(self, image, text, cos, values):
+        batch, width = image.shape[0], image.shape[-1]
+        qk = torch.cat([self.image_qk(image), self.text_qk(text)], dim=1)
+        tokens = qk.shape[1]
+        q, k = qk.view(batch, tokens, 2, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q * cos, k, values * 2)
+
+
+def test_ring_recuts_values_split_apart_from_keys(world2):
+    ranks = world2[("values_split_apart", "ring")]
+    assert_ranks_match(ranks, "values split apart from keys, ring")
+    for result in ranks:
+        report = result["explanations"][-1]
+        # The first rewrite re-splits the values for the ring; the pass then cuts their source with the
+        # keys' segments, so no gather is left.
+        assert "ring over 2 ranks" in report and "(L_values_) along dim 2 (segments ['16', '6'])" in report, report
 
 
 @pytest.mark.parametrize("strategy", ["ring", "ulysses"])

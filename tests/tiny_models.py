@@ -546,6 +546,47 @@ def _pixart_inputs(seed=0, size="default", batch=1):
 
 
 # ---------------------------------------------------------------------------------------------
+# HiDream-I1: HiDreamImagePipeline.__call__ (T5 and Llama 3 hidden states; its rotary table arrives as one
+# input over image and text tokens, and its mixture-of-experts routing breaks Dynamo's graph)
+# ---------------------------------------------------------------------------------------------
+
+
+def _hidream_build():
+    from diffusers import HiDreamImageTransformer2DModel
+
+    return _build(
+        HiDreamImageTransformer2DModel,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        caption_channels=[TEXT_DIM, TEXT_DIM // 2],  # T5, Llama 3
+        text_emb_dim=POOLED_DIM,
+        num_routed_experts=2,
+        num_activated_experts=2,
+        axes_dims_rope=(8, 4, 4),  # sums to HEAD_DIM
+        max_resolution=(32, 32),
+        llama_layers=(0, 1),
+        force_inference_output=True,
+    )
+
+
+def _hidream_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    return dict(
+        hidden_states=_randn(g, batch, LATENT_CHANNELS, 2 * s.height, 2 * s.width),  # patchified inside
+        timesteps=_timestep(g, batch, dtype=torch.long),
+        encoder_hidden_states_t5=_randn(g, batch, s.text, TEXT_DIM),
+        encoder_hidden_states_llama3=_randn(g, 2, batch, s.text, TEXT_DIM // 2),  # one per llama_layers entry
+        pooled_embeds=_randn(g, batch, POOLED_DIM),
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
 
@@ -567,5 +608,6 @@ CASES: dict[str, TinyCase] = {
         _case("ltx_video", _ltx_video_build, _ltx_video_inputs),
         _case("qwen_image", _qwen_image_build, _qwen_image_inputs),
         _case("pixart", _pixart_build, _pixart_inputs),
+        _case("hidream", _hidream_build, _hidream_inputs),
     ]
 }

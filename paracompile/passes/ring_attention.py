@@ -60,9 +60,13 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
 
     my_ranks = ranks_of_block(ring_index)
 
+    if not key_layout.same_split(value_layout):
+        # Each ring step sends a key block with its value block, token for token: values that come from
+        # another split (another source's segments) are re-cut to the keys' split (a gather, reported).
+        value_layout = key_layout.at_dim(value_layout.dim)
     query = rewriter.sharded(view["query"], query_layout, name)
     key = rewriter.sharded(view["key"], key_layout, name)
-    value = rewriter.sharded(view["value"], value_layout, name)
+    value = rewriter.sharded(view["value"], value_layout, f"{name} (ring needs values split as the keys are)")
     key_heads = key_shape[head_dim]
     if not same_size(heads, key_heads):
         # Grouped-query attention: give every query head its key head, so heads split evenly.
@@ -84,9 +88,6 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
     block_lengths = [collectives.shards_length(builder, key_layout, sequence, ranks_of_block(j)) for j in range(ring.size)]
     longest = builder.maximum(*block_lengths)
     even_blocks = all(isinstance(n, int) for n in block_lengths) and len(set(block_lengths)) == 1
-    if not key_layout.same_split(value_layout):
-        raise NotImplementedError(f"paracompile: {name}: keys and values are split differently; ring attention "
-                                  "needs them token for token")
     if not even_blocks:
         key = builder.pad_end(key, token_dim, ndim, builder.sub(longest, block_lengths[ring_index]))
         value = builder.pad_end(value, token_dim, ndim, builder.sub(longest, block_lengths[ring_index]))

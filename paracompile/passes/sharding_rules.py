@@ -271,12 +271,14 @@ POINTWISE = [
 @rule(*POINTWISE, declines_when="its inputs carry the token axis on dims that do not line up")
 def pointwise(view: OpView) -> Optional[Sharding]:
     """Each sharded input's layout is a candidate for all of them; the one whose conversions of the other
-    inputs cost least wins, the first input's on a tie. So `cos * q` takes q's split (text and image
-    segments) rather than re-splitting q to the rotary table's one segment: the table, cut from a full
-    input, is re-sliced for free, while q would need a gather (HiDream's rotary embedding)."""
+    inputs cost least wins; on a tie, the one with more segments (a split per segment comes from a
+    concatenation that later ops, attention among them, keep; a one-segment split is a source's default
+    cut, which shard_tokens re-cuts to the segments its users need), then the first input's. So `cos * q`
+    takes q's split (text and image segments) rather than re-splitting q to the rotary table's one
+    segment, whatever the operand order (HiDream's rotary embedding)."""
     names = view.tensor_args()
     out_ndim = len(view.out_shape)
-    best: Optional[tuple[int, Sharding]] = None
+    best: Optional[tuple[tuple[int, int], Sharding]] = None
     for candidate_name in names:
         candidate = view.layout(candidate_name)
         if candidate is None:
@@ -292,8 +294,9 @@ def pointwise(view: OpView) -> Optional[Sharding]:
                 inputs[name] = candidate.at_dim(dim)
                 if view.layout(name) is not None or name == candidate_name:
                     cost += view.cost(view.args[name], inputs[name])
-        if best is None or cost < best[0]:
-            best = (cost, Sharding(TokenLayout(out_dim, candidate.segments), inputs))
+        rank = (cost, -len(candidate.segments))
+        if best is None or rank < best[0]:
+            best = (rank, Sharding(TokenLayout(out_dim, candidate.segments), inputs))
     return best[1] if best is not None else None
 
 
