@@ -584,6 +584,8 @@ def split_graph(gm: fx.GraphModule, plan: CachePlan) -> SplitGraph:
     tail.copy(tail_nodes)
     tail.graph.output(fx.map_arg(output_node.args[0], tail.value))
 
+    for part in (head, rest, tail):
+        part.graph.lint()
     index = {node: i + 1 for i, node in enumerate(head_outputs)}  # +1: r comes first
     originals = [_val(p) for p in placeholders]
     return SplitGraph(

@@ -283,6 +283,7 @@ class TokenShardingRewriter:
                 self.attention_strategy(self, node)
             else:
                 self._call(node)
+        self.graph.lint()
         return fx.GraphModule(self.gm, self.graph)
 
     def _record_symbols(self, node: fx.Node, new: fx.Node) -> None:

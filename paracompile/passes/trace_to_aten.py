@@ -41,4 +41,5 @@ def trace_to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
     for node, original in zip((n for n in traced.graph.nodes if n.op == "placeholder"), placeholders):
         node.target = original.target
     remember_scalar_reads(traced)  # on the fake values the graph's placeholders keep, for later propagations
+    traced.graph.lint()
     return traced
