@@ -28,7 +28,7 @@ from tests.multiprocess import run_on_ranks
 pytestmark = pytest.mark.slow  # every test here spawns process groups
 
 MODEL_NAMES = ["flux", "sd3", "wan_t2v", "wan_i2v", "hunyuan_video", "cogvideox", "mochi", "ltx_video",
-               "qwen_image", "pixart", "hidream"]
+               "qwen_image", "pixart", "hidream", "lumina2"]
 # Self-attention outside Dynamo's graph (see the module docstring): correctness only.
 ATTENTION_OUTSIDE_GRAPH = {"mochi"}
 

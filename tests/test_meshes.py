@@ -1,7 +1,7 @@
 """Ring attention, Ulysses x Ring and the batch mesh dim, against single-process eager.
 
 Every mesh of the options table on the toy DiT (2 and 4 ranks, uneven token counts, text masks, batch 2),
-the eleven tiny diffusers models under Ring 2 on 2 ranks, a subset under Ulysses 2 x Ring 2 and batch 2 x
+the twelve tiny diffusers models under Ring 2 on 2 ranks, a subset under Ulysses 2 x Ring 2 and batch 2 x
 Ring 2 on 4 ranks, and Ring 2 through Inductor once. Each world size's runs share one set of spawned
 ranks (a fixture per world size); results are checked per scenario.
 """
@@ -35,7 +35,7 @@ TOY_SCENARIOS = {
 # name -> (world size, mesh, models, batch)
 MODEL_SCENARIOS = {
     "ring2": (2, {"ring": 2}, ["flux", "sd3", "wan_t2v", "wan_i2v", "hunyuan_video", "cogvideox", "mochi",
-                               "ltx_video", "qwen_image", "pixart", "hidream"], 1),
+                               "ltx_video", "qwen_image", "pixart", "hidream", "lumina2"], 1),
     "ulysses2_ring2": (4, {"ulysses": 2, "ring": 2}, ["flux", "wan_i2v", "hunyuan_video", "qwen_image"], 1),
     "batch2_ring2": (4, {"batch": 2, "ring": 2}, ["flux", "ltx_video"], 2),
 }

@@ -20,6 +20,7 @@ TESTED = {
     "QwenImageTransformer2DModel": ["qwen_image"],
     "PixArtTransformer2DModel": ["pixart"],
     "HiDreamImageTransformer2DModel": ["hidream"],
+    "Lumina2Transformer2DModel": ["lumina2"],
 }
 
 NO_TINY_CONFIG_YET = "no tiny config in the suite yet (issue 14)"
@@ -27,8 +28,6 @@ SURVEYED = ("ran sharded and matched eager on Ulysses 2 and Ring 2 in issue 14's
 
 # class -> why the suite does not run it (yet), with what is known
 NOT_IN_SUITE = {
-    "Lumina2Transformer2DModel": "fails to compile on both meshes: its caption/image packing writes in place into "
-                                 "a pre-allocated buffer that stays replicated (issue 14)",
     "SanaVideoTransformer3DModel": "reported failing on gathered tensors coming back token-major (issue 14); not "
                                    "re-checked since gathers keep eager's dim order",
     "Flux2Transformer2DModel": SURVEYED + "; one process aborted at exit twice in 60 runs",

@@ -587,6 +587,46 @@ def _hidream_inputs(seed=0, size="default", batch=1):
 
 
 # ---------------------------------------------------------------------------------------------
+# Lumina-Image 2.0: Lumina2Pipeline.__call__ (Gemma hidden states with their attention mask; caption and
+# image tokens are packed per sample into one pre-allocated sequence)
+# ---------------------------------------------------------------------------------------------
+
+
+def _lumina2_build():
+    from diffusers import Lumina2Transformer2DModel
+
+    return _build(
+        Lumina2Transformer2DModel,
+        sample_size=16,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        hidden_size=HEADS * HEAD_DIM,
+        num_layers=2,
+        num_refiner_layers=1,
+        num_attention_heads=HEADS,
+        num_kv_heads=2,  # grouped-query attention, as in the real model
+        multiple_of=2,
+        ffn_dim_multiplier=None,
+        norm_eps=1e-5,
+        scaling_factor=1.0,
+        axes_dim_rope=(8, 4, 4),  # sums to HEAD_DIM
+        axes_lens=(128, 128, 128),
+        cap_feat_dim=TEXT_DIM,
+    )
+
+
+def _lumina2_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    return dict(
+        hidden_states=_randn(g, batch, LATENT_CHANNELS, 2 * s.height, 2 * s.width),  # patchified inside
+        timestep=_timestep(g, batch) / 1000,  # the pipeline passes 1 - t / 1000
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        encoder_attention_mask=_text_mask(batch, s.text, torch.bool),
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
 
@@ -609,5 +649,6 @@ CASES: dict[str, TinyCase] = {
         _case("qwen_image", _qwen_image_build, _qwen_image_inputs),
         _case("pixart", _pixart_build, _pixart_inputs),
         _case("hidream", _hidream_build, _hidream_inputs),
+        _case("lumina2", _lumina2_build, _lumina2_inputs),
     ]
 }
