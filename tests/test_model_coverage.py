@@ -28,8 +28,11 @@ SURVEYED = ("ran sharded and matched eager on Ulysses 2 and Ring 2 in issue 14's
 
 # class -> why the suite does not run it (yet), with what is known
 NOT_IN_SUITE = {
-    "SanaVideoTransformer3DModel": "reported failing on gathered tensors coming back token-major (issue 14); not "
-                                   "re-checked since gathers keep eager's dim order",
+    "SanaVideoTransformer3DModel": "matches eager on Ulysses 2 and Ring 2 (checked by hand on 2026-11-28 with "
+                                   "diffusers' own test config, even and uneven sizes), but only partly parallel: its "
+                                   "self-attention is linear attention (no scaled_dot_product_attention), whose sums "
+                                   "over tokens gather; partial sums and an all-reduce would keep it sharded (issue "
+                                   "14). " + NO_TINY_CONFIG_YET,
     "Flux2Transformer2DModel": SURVEYED + "; one process aborted at exit twice in 60 runs",
     "ConsisIDTransformer3DModel": SURVEYED + "; one process aborted at exit twice in 60 runs",
     "LatteTransformer3DModel": SURVEYED + "; it pays an all-gather at each spatial/temporal switch",
