@@ -29,11 +29,10 @@ from paracompile.mesh import resolve_auto, resolve_mesh
 from paracompile.meta import attention_kind
 from paracompile.options import Options, inductor_patches, parse_options
 from paracompile.passes.compile_blocks import compile_by_block
-from paracompile.passes.fake_propagation import propagate_fake_values
-from paracompile.passes.first_block_cache import compile_with_first_block_cache, is_aten_graph
+from paracompile.passes.first_block_cache import compile_with_first_block_cache
 from paracompile.passes.shard_batch import shard_batch
 from paracompile.passes.shard_tokens import attention_nodes, self_attention_head_counts, shard_tokens
-from paracompile.passes.trace_to_aten import trace_to_aten
+from paracompile.passes.trace_to_aten import aten_graph_with_values, trace_to_aten
 from paracompile.passes.ulysses_attention import rewrite_attention
 from paracompile.runtime import InputCheck, guarded, model_state_positions
 
@@ -136,10 +135,7 @@ def compile_whole(gm: fx.GraphModule, example_inputs: list, options: Options) ->
 def compile_each_block_once(gm: fx.GraphModule, example_inputs: list, options: Options) -> Optional[Callable]:
     """`gm` cut into its blocks and the glue between them, each distinct part compiled once
     (passes/compile_blocks.py); None when the graph has no block loop (then it is compiled whole)."""
-    if not is_aten_graph(gm):
-        gm = trace_to_aten(gm, example_inputs)
-    if not all("val" in node.meta for node in gm.graph.nodes if node.op != "output"):
-        propagate_fake_values(gm, keep_guards=options.compiler != "eager")
+    gm = aten_graph_with_values(gm, example_inputs, keep_guards=options.compiler != "eager")
 
     def record(line: str) -> None:
         explanations.append(line)

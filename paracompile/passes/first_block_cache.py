@@ -43,9 +43,8 @@ from paracompile.cache import FirstBlockCache
 from paracompile.explain import describe_node
 from paracompile.meta import NN_MODULE_STACK
 from paracompile.options import Options
-from paracompile.passes.fake_propagation import propagate_fake_values
 from paracompile.passes.sharding_rules import is_attention_kernel, is_size_query, passes_residual_through
-from paracompile.passes.trace_to_aten import trace_to_aten
+from paracompile.passes.trace_to_aten import aten_graph_with_values
 from paracompile.runtime import model_state_positions, readable_input_name
 
 logger = logging.getLogger("paracompile")
@@ -682,13 +681,10 @@ def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, opt
     each part (the backend's, with threshold 0); `record` keeps the cache's report (the backend's registry
     of explanations)."""
     plain_options = dataclasses.replace(options, threshold=0.0)
-    if not is_aten_graph(gm):
-        gm = trace_to_aten(gm, example_inputs)
     # Inductor compiles the parts from these shapes, so the guards the propagation needs must hold; the
     # eager compiler runs real tensors, and a guard on this rank's local size would only make the ranks
     # recompile at different times.
-    if not all("val" in node.meta for node in gm.graph.nodes if node.op != "output"):
-        propagate_fake_values(gm, keep_guards=options.compiler != "eager")
+    gm = aten_graph_with_values(gm, example_inputs, keep_guards=options.compiler != "eager")
 
     try:
         plan = plan_cache(gm, options.timestep_arg)
@@ -757,7 +753,3 @@ def _check_timestep_found(plan: CachePlan, options: Options, gm: fx.GraphModule)
         "denoising timestep (First Block Cache starts a new generation when it rises), or to None and call "
         "paracompile.reset_cache() between generations")
 
-
-def is_aten_graph(gm: fx.GraphModule) -> bool:
-    """Dynamo's graph describes its inputs with `example_value`; traced aten graphs with `val`."""
-    return all("val" in node.meta for node in gm.graph.nodes if node.op == "placeholder")

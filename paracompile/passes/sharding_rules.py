@@ -17,7 +17,7 @@ this module follows torch/distributed/tensor/_ops/ (DTensor's sharding propagati
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -236,14 +236,6 @@ def keeps_token_axis(*packets, input_name: str = "self", declines_when: str):
 
 def normalize_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
-
-
-def first_sharded(view: OpView, names: Sequence[str]) -> Optional[tuple[str, TokenLayout]]:
-    for name in names:
-        layout = view.layout(name)
-        if layout is not None:
-            return name, layout
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------

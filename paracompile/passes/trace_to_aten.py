@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from paracompile.passes.fake_propagation import remember_scalar_reads
+from paracompile.passes.fake_propagation import propagate_fake_values, remember_scalar_reads
 from paracompile.meta import EXAMPLE_VALUE
 
 
@@ -43,3 +43,19 @@ def trace_to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
     remember_scalar_reads(traced)  # on the fake values the graph's placeholders keep, for later propagations
     traced.graph.lint()
     return traced
+
+
+def is_aten_graph(gm: fx.GraphModule) -> bool:
+    """Dynamo's graph describes its inputs with `example_value`; traced aten graphs with `val`."""
+    return all("val" in node.meta for node in gm.graph.nodes if node.op == "placeholder")
+
+
+def aten_graph_with_values(gm: fx.GraphModule, example_inputs: list, keep_guards: bool) -> fx.GraphModule:
+    """`gm` as an aten graph whose every node carries `meta["val"]`: Dynamo's graph is traced first; a
+    rewritten graph gets the values of the nodes the passes created (see propagate_fake_values for
+    `keep_guards`)."""
+    if not is_aten_graph(gm):
+        gm = trace_to_aten(gm, example_inputs)
+    if not all("val" in node.meta for node in gm.graph.nodes if node.op != "output"):
+        propagate_fake_values(gm, keep_guards=keep_guards)
+    return gm
