@@ -235,6 +235,10 @@ def main() -> None:
                         "shows where each rank waits)")
     parser.add_argument("--trace", default="", help="comma list of setups whose profile is saved as a Chrome trace "
                         "(--out/trace_<setup>.json.gz) and read for idle gaps (benchmarks/gaps.py)")
+    parser.add_argument("--fake-world", type=int, default=0,
+                        help="run alone as rank 0 of a world of this size whose collectives move no data (torch's fake "
+                        "process group): rank 0's compute of a multi-rank setup on one GPU. Its times are no step "
+                        "times and its outputs are not compared")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     for name in args.setups.split(","):
@@ -247,7 +251,12 @@ def main() -> None:
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=20))
+    if args.fake_world:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world)
+    else:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=20))
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.bfloat16 if cuda else torch.float32
     spec = workload_spec(args.workload, args.tiny, args.blocks)
@@ -302,7 +311,7 @@ def main() -> None:
                 result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
                 torch.cuda.empty_cache()
                 result["held_after_gib"] = round((torch.cuda.memory_reserved() - reserved_before) / GiB, 2)
-            if rank == 0 and output is not None:
+            if rank == 0 and output is not None and not args.fake_world:
                 result["max_abs_diff_vs_eager1"] = round((output.float() - reference.float()).abs().max().item(), 5)
             setups[name] = call
         except Exception:
@@ -362,7 +371,13 @@ def main() -> None:
                     workload=spec["description"], date=datetime.date.today().isoformat(),
                     command=f"torchrun --nproc_per_node={world} " + " ".join(shlex.quote(a) for a in sys.argv),
                     rounds=args.rounds, steps_per_round=args.steps)
-        lines = [f"# {args.workload}: interleaved rounds, {meta['device']} x{world}", "",
+        if args.fake_world:
+            meta.update(command="python " + " ".join(shlex.quote(a) for a in sys.argv),
+                        fake_world=f"one process as rank 0 of {world}; collectives move no data: rank 0's compute "
+                        "and launch cost, not a step time, and outputs are not compared")
+        machine = f"{meta['device']} x1, rank 0 of a fake world of {world}" if args.fake_world else f"{meta['device']} x{world}"
+        lines = [f"# {args.workload}: interleaved rounds, {machine}", "",
+                 *([f"**Fake process group:** {meta['fake_world']}.", ""] if args.fake_world else []),
                  f"{meta['workload']}; torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['date']}; "
                  f"{args.rounds} rounds x {args.steps} steps, a step's time is its slowest rank's.", "",
                  f"`{meta['command']}`", "",
