@@ -256,8 +256,7 @@ class Exchange:
     """An all-to-all that splits one dim over the ranks and gathers another, in two halves: `start` issues
     it, `finish` waits for it and lays the result out. [.., A, .., B, ..] with A at `split_dim` ->
     [.., A / ranks, .., ranks * B, ..]: slice r of A goes to rank r, and what rank r sent lands at block r of
-    B. Ulysses' first all-to-all splits heads and gathers tokens (tokens in padded rank-major order), its
-    second splits tokens and gathers heads."""
+    B. Ulysses' second all-to-all splits tokens and gathers heads (its first is HeadsOut's)."""
 
     def __init__(self, builder: GraphBuilder, split_dim: int, gather_dim: int, group: ProcessGroupInfo):
         self.builder, self.split_dim, self.gather_dim, self.group = builder, split_dim, gather_dim, group
@@ -274,12 +273,41 @@ class Exchange:
         return self.builder.call(aten.flatten.using_ints, rank_next_to_gathered, self.gather_dim, self.gather_dim + 1)
 
 
+class HeadsOut:
+    """Ulysses' first all-to-all, for one or more tensors of one shape (q, k and v in one message): each
+    [.., H, .., C, ..] (this rank's C padded tokens, all heads) -> [.., H / ranks, .., ranks * C, ..] (head
+    group r of every rank's tokens, in padded rank-major order).
+
+    What is sent is laid out [ranks, C, tensor, the other dims], built by one `cat` of the tensors' permuted
+    views, so Inductor has the kernels that compute q, k and v write straight into the message (a stack
+    followed by a permuted copy cost a kernel of its own). What arrives is then [source rank, C, tensor,
+    ...]: source rank and C are neighbours in memory, so each result is a view of the received buffer with
+    tokens outermost, a layout attention kernels read as it is: no copy between the exchange and attention
+    (with the rank dim in front of the heads there was one per tensor)."""
+
+    def __init__(self, builder: GraphBuilder, head_dim: int, token_dim: int, ndim: int, group: ProcessGroupInfo):
+        self.builder, self.head_dim, self.token_dim, self.ndim, self.group = builder, head_dim, token_dim, ndim, group
+
+    def start(self, tensors: list[fx.Node]) -> fx.Node:
+        b = self.builder
+        token = self.token_dim + (1 if self.token_dim > self.head_dim else 0)  # once heads are [ranks, H / ranks]
+        order = [self.head_dim, token] + [d for d in range(self.ndim + 1) if d not in (self.head_dim, token)]
+        pieces = [b.call(aten.unsqueeze.default, b.call(aten.permute.default, b.call(
+            aten.unflatten.int, tensor, self.head_dim, [self.group.size, -1]), order), 2) for tensor in tensors]
+        return start_all_to_all(b, b.cat(pieces, 2), self.group)
+
+    def finish(self, pending: fx.Node, count: int) -> list[fx.Node]:
+        b = self.builder
+        received = b.call(aten.flatten.using_ints, finish_all_to_all(b, pending), 0, 1)  # [ranks * C, count, ...]
+        return [b.call(aten.movedim.int, b.call(aten.select.int, received, 1, index), 0, self.token_dim)
+                for index in range(count)]
+
+
 def scatter_heads_gather_tokens(builder: GraphBuilder, tensor: fx.Node, head_dim: int, token_dim: int,
-                                group: ProcessGroupInfo) -> fx.Node:
-    """Ulysses' first all-to-all: [.., H, .., C, ..] (local padded tokens, all heads) ->
-    [.., H / ranks, .., ranks * C, ..] (this rank's head group, every rank's tokens in padded rank-major order)."""
-    exchange = Exchange(builder, head_dim, token_dim, group)
-    return exchange.finish(exchange.start(tensor))
+                                group: ProcessGroupInfo, ndim: int) -> fx.Node:
+    """Ulysses' first all-to-all for one tensor (HeadsOut)."""
+    exchange = HeadsOut(builder, head_dim, token_dim, ndim, group)
+    return exchange.finish(exchange.start([tensor]), 1)[0]
 
 
 def scatter_tokens_gather_heads(builder: GraphBuilder, tensor: fx.Node, head_dim: int, token_dim: int,

@@ -239,7 +239,7 @@ def _receive(builder, pending, same_kind, block, key, value):
 
 def _scatter_heads(builder, tensor, ndim, layout, sequence, ulysses, head_dim, token_dim):
     padded = collectives.pad_to_chunks(builder, tensor, ndim, layout, sequence)
-    return collectives.scatter_heads_gather_tokens(builder, padded, head_dim, token_dim, ulysses)
+    return collectives.scatter_heads_gather_tokens(builder, padded, head_dim, token_dim, ulysses, ndim)
 
 
 def _query_order(builder, tensor, dim, ndim, layout, sequence, my_ranks, ulysses_size):

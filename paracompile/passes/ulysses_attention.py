@@ -144,7 +144,7 @@ def _ulysses(rewriter, node, view, layouts, heads, key_heads, chunks: int = 1) -
 
     def exchange(local, layout, global_order: bool):
         padded = collectives.pad_to_chunks(builder, local, ndim, layout, group)
-        gathered = collectives.scatter_heads_gather_tokens(builder, padded, head_dim, token_dim, group)
+        gathered = collectives.scatter_heads_gather_tokens(builder, padded, head_dim, token_dim, group, ndim)
         if global_order:
             gathered = collectives.rank_major_to_global(builder, gathered, layout, group)
         return gathered
@@ -161,7 +161,7 @@ def _ulysses(rewriter, node, view, layouts, heads, key_heads, chunks: int = 1) -
                and (local_mask is None or _mask_heads(view.shape(mask)) is None
                     or same_size(_mask_heads(view.shape(mask)), 1) or same_size(_mask_heads(view.shape(mask)), heads)))
     if fused:
-        # One all-to-all for all three (per chunk of heads): fewer, larger messages and one copy instead of three.
+        # One all-to-all for all three (per chunk of heads): fewer, larger messages.
         output = _fused_exchange(rewriter, node, view, (query_local, key_local, value_local), query_layout,
                                  key_layout, value_layout, local_mask, chunks if chunked else 1, per_chunk,
                                  query_in_global_order, keys_in_global_order, enable_gqa)
@@ -200,7 +200,7 @@ def _attend(rewriter, node, view, query, key, value, mask, enable_gqa, kind: str
 
 def _fused_exchange(rewriter, node, view, local, query_layout, key_layout, value_layout, local_mask, chunks,
                     per_chunk, query_in_global_order, keys_in_global_order, enable_gqa):
-    """Ulysses with q, k and v stacked into one all-to-all, and with this rank's heads in `chunks` chunks:
+    """Ulysses with q, k and v in one all-to-all (collectives.HeadsOut), and with this rank's heads in `chunks` chunks:
     every chunk's all-to-all is issued first; then per chunk, wait for its exchange, attend, and issue its
     output all-to-all; then wait for those. A chunk's attention runs while the next chunk's inputs and the
     previous chunk's output are in flight.
@@ -212,21 +212,21 @@ def _fused_exchange(rewriter, node, view, local, query_layout, key_layout, value
     ndim = len(view.shape(view["query"]))
     token_dim, head_dim = ndim - 2, ndim - 3
     padded = [collectives.pad_to_chunks(builder, t, ndim, query_layout, group) for t in local]
-    stacked = builder.call(aten.stack.default, padded, 0)
     if chunks == 1:
-        pieces = [stacked]
+        pieces = [padded]
     else:
-        by_chunk = builder.call(aten.unflatten.int, stacked, head_dim + 1, [group.size, chunks, per_chunk])
-        pieces = [builder.call(aten.flatten.using_ints, builder.call(aten.select.int, by_chunk, head_dim + 2, chunk),
-                               head_dim + 1, head_dim + 2) for chunk in range(chunks)]
-    inbound = collectives.Exchange(builder, head_dim + 1, token_dim + 1, group)  # heads out, tokens in
+        def heads_of_chunk(tensor, chunk):
+            by_chunk = builder.call(aten.unflatten.int, tensor, head_dim, [group.size, chunks, per_chunk])
+            return builder.call(aten.flatten.using_ints, builder.call(aten.select.int, by_chunk, head_dim + 1, chunk),
+                                head_dim, head_dim + 1)
+        pieces = [[heads_of_chunk(t, chunk) for t in padded] for chunk in range(chunks)]
+    inbound = collectives.HeadsOut(builder, head_dim, token_dim, ndim, group)
     pending_in = [inbound.start(piece) for piece in pieces]
     outbound = collectives.Exchange(builder, token_dim, head_dim, group)  # tokens out, heads back
     pending_out = []
     mask_heads = _mask_heads(view.shape(view["attn_mask"])) if local_mask is not None else None
     for chunk in range(chunks):
-        gathered = inbound.finish(pending_in[chunk])
-        query_all, key_all, value_all = [builder.call(aten.select.int, gathered, 0, i) for i in range(3)]
+        query_all, key_all, value_all = inbound.finish(pending_in[chunk], 3)
         if query_in_global_order:
             query_all = collectives.rank_major_to_global(builder, query_all, query_layout, group)
         if keys_in_global_order:
