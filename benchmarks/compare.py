@@ -162,13 +162,14 @@ def build_inputs(spec: dict, device, dtype) -> dict:
     generator = torch.Generator(device=device).manual_seed(1)
     config = spec["config"]
     if spec["workload"] == "flux":
-        side, text_tokens = spec["side"], spec["text_tokens"]
+        # packed latent rows x columns (1024x1024: 64 x 64); spec["rows"] / spec["cols"] for other shapes
+        rows, cols, text_tokens = spec.get("rows", spec["side"]), spec.get("cols", spec["side"]), spec["text_tokens"]
         # FluxPipeline._prepare_latent_image_ids: (row, column) per packed latent pixel, in the latents' dtype
-        image_ids = torch.zeros(side, side, 3)
-        image_ids[..., 1] = image_ids[..., 1] + torch.arange(side)[:, None]
-        image_ids[..., 2] = image_ids[..., 2] + torch.arange(side)[None, :]
+        image_ids = torch.zeros(rows, cols, 3)
+        image_ids[..., 1] = image_ids[..., 1] + torch.arange(rows)[:, None]
+        image_ids[..., 2] = image_ids[..., 2] + torch.arange(cols)[None, :]
         return dict(
-            hidden_states=torch.randn(1, side * side, config["in_channels"], device=device, dtype=dtype,
+            hidden_states=torch.randn(1, rows * cols, config["in_channels"], device=device, dtype=dtype,
                                       generator=generator),
             encoder_hidden_states=torch.randn(1, text_tokens, config["joint_attention_dim"], device=device,
                                               dtype=dtype, generator=generator),
@@ -177,7 +178,7 @@ def build_inputs(spec: dict, device, dtype) -> dict:
             # the pipeline: t.expand(batch).to(latents.dtype) / 1000; guidance in float32
             timestep=torch.full([1], 500.0, device=device).to(dtype) / 1000,
             guidance=torch.full([1], 3.5, device=device, dtype=torch.float32),
-            img_ids=image_ids.reshape(side * side, 3).to(device=device, dtype=dtype),
+            img_ids=image_ids.reshape(rows * cols, 3).to(device=device, dtype=dtype),
             txt_ids=torch.zeros(text_tokens, 3, device=device, dtype=dtype),
             return_dict=False,
         )

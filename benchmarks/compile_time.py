@@ -2,13 +2,17 @@
 process with an empty Inductor cache directory.
 
     python benchmarks/compile_time.py --workload flux --tiny --blocks 8,16 --out benchmarks/results
+    python benchmarks/compile_time.py --workload flux --fake-world 2 --steps 20 --second 48x85 --out DIR
 
 Each variant runs in its own process (a child of this one) so that no in-memory cache carries over, with
 `TORCHINDUCTOR_CACHE_DIR` set to a new empty directory; the child builds the workload's model and inputs
 (benchmarks/compare.py), compiles it with paracompile on one process (`mesh` of one rank: plain Inductor,
-or Inductor per block), and reports the first call's wall time, the second call's, and the output's largest
-difference from eager. `--tiny` runs the CPU configs in float32; without it, the full-size model in bf16 on
-the GPU. Results: --out/compile_time_<tag>.json and .md.
+or Inductor per block; with `--fake-world N`, as rank 0 of N ranks whose collectives move no data, so the
+sharding rewrite and the collectives compile as on a real mesh), and reports the first call's wall time,
+the median step time after it, the output's largest difference from eager (not with a fake world) and,
+with `--second`, the first call and step time at a second resolution (Dynamo recompiles for it unless the
+variant is `_dynamic`: the token dims marked dynamic before the first call, `torch._dynamo.mark_dynamic`). `--tiny` runs the CPU configs in float32; without
+it, the full-size model in bf16 on the GPU. Results: --out/compile_time_<tag>.json and .md.
 """
 from __future__ import annotations
 
@@ -25,35 +29,63 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def child(args) -> None:
+    import statistics
+
     import torch
 
     sys.path.insert(0, HERE)
     from compare import build_inputs, build_model, workload_spec
 
     cuda = torch.cuda.is_available() and not args.tiny
-    device = torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     spec = workload_spec(args.workload, args.tiny, args.blocks)
     model = build_model(spec, device, dtype)
     inputs = build_inputs(spec, device, dtype)
     from paracompile import paracompile_backend
 
-    options = {"compile_blocks": args.variant == "blocks"}
+    options = {"compile_blocks": args.variant.startswith("blocks")}
+    if args.fake_world:
+        import torch.distributed as dist
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world)
+        options.update(mesh={"ulysses": args.fake_world}, check_inputs="off")
     compiled = torch.compile(model, backend=lambda gm, example: paracompile_backend(gm, example, options=options))
+    if args.variant.endswith("_dynamic"):
+        # The token count symbolic from the first compile, the rest static (README: "A new resolution").
+        if args.workload == "flux":
+            torch._dynamo.mark_dynamic(inputs["hidden_states"], 1)
+            torch._dynamo.mark_dynamic(inputs["img_ids"], 0)
+        else:
+            torch._dynamo.mark_dynamic(inputs["hidden_states"], [2, 3, 4])
+
+    def timed_call(call_inputs):
+        start = time.perf_counter()
+        output = compiled(**call_inputs)[0]
+        if cuda:
+            torch.cuda.synchronize()
+        return output, time.perf_counter() - start
+
+    result = dict(variant=args.variant)
     with torch.no_grad():
         reference = model(**inputs)[0]
-        times = []
-        for _ in range(2):
-            start = time.perf_counter()
-            output = compiled(**inputs)[0]
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    print("RESULT " + json.dumps(dict(variant=args.variant, first_call_s=round(times[0], 2),
-                                      second_call_s=round(times[1], 4),
-                                      max_abs_diff_vs_eager=float((output.float() - reference.float()).abs().max()),
-                                      description=spec["description"], tag=spec["tag"],
-                                      torch=torch.__version__, device=str(device))), flush=True)
+        output, result["first_call_s"] = timed_call(inputs)
+        steps = [timed_call(inputs)[1] for _ in range(max(args.steps, 1))]
+        result["step_ms"] = round(1000 * statistics.median(steps), 2)
+        if not args.fake_world:  # a fake world's collectives move no data: its output means nothing
+            result["max_abs_diff_vs_eager"] = float((output.float() - reference.float()).abs().max())
+        if args.second:
+            rows, cols = (int(n) for n in args.second.split("x"))
+            second = build_inputs(dict(spec, rows=rows, cols=cols), device, dtype)
+            result["second_resolution"] = args.second
+            result["second_resolution_first_call_s"] = round(timed_call(second)[1], 2)
+            result["second_resolution_step_ms"] = round(
+                1000 * statistics.median(timed_call(second)[1] for _ in range(max(args.steps, 1))), 2)
+    result["first_call_s"] = round(result["first_call_s"], 2)
+    result.update(description=spec["description"], tag=spec["tag"], torch=torch.__version__,
+                  device=torch.cuda.get_device_name(device) if cuda else "cpu")
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def main() -> None:
@@ -61,7 +93,14 @@ def main() -> None:
     parser.add_argument("--workload", default="flux", choices=["flux", "wan"])
     parser.add_argument("--blocks", default=None)
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--variants", default="whole,blocks")
+    parser.add_argument("--variants", default="whole,blocks",
+                        help="whole, blocks (compile_blocks=True), and either with _dynamic (token dims marked dynamic)")
+    parser.add_argument("--steps", type=int, default=5, help="timed calls after the first (the median is reported)")
+    parser.add_argument("--second", default=None, help="FLUX: a second resolution as packed latent rows x columns "
+                        "(768x1360: 48x85), called after the first's steps: its first call and step time")
+    parser.add_argument("--fake-world", type=int, default=0,
+                        help="compile as rank 0 of a world of this size with the mesh {'ulysses': N} (torch's fake "
+                        "process group: the rewrite and every collective compile, collectives move no data)")
     parser.add_argument("--out", default=".")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -69,10 +108,16 @@ def main() -> None:
         child(args)
         return
     results = []
+    if args.second and args.workload != "flux":
+        raise SystemExit("--second is for FLUX (rows x columns of packed latents)")
     for variant in args.variants.split(","):
+        if variant.removesuffix("_dynamic") not in ("whole", "blocks"):
+            raise SystemExit(f"unknown variant {variant!r}; variants are whole, blocks, whole_dynamic, blocks_dynamic")
         with tempfile.TemporaryDirectory() as cache:
             command = [sys.executable, os.path.abspath(__file__), "--workload", args.workload, "--variant", variant]
             command += (["--tiny"] if args.tiny else []) + (["--blocks", args.blocks] if args.blocks else [])
+            command += ["--steps", str(args.steps), "--fake-world", str(args.fake_world)]
+            command += ["--second", args.second] if args.second else []
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
             finished = subprocess.run(command, env=env, capture_output=True, text=True)
             line = next((l for l in finished.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -84,15 +129,22 @@ def main() -> None:
                 workload=results[0]["description"], torch=results[0]["torch"], device=results[0]["device"],
                 cpus=os.cpu_count())
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"compile_time_{results[0]['tag']}")
+    stem = os.path.join(args.out, f"compile_time_{results[0]['tag']}" + (f"_fake{args.fake_world}" if args.fake_world else ""))
     with open(stem + ".json", "w") as handle:
         json.dump(dict(meta=meta, results=results), handle, indent=1)
+    where = (f"one process as rank 0 of {args.fake_world} (mesh ulysses {args.fake_world}; torch's fake process "
+             "group: collectives move no data, so outputs are not compared)") if args.fake_world else "one process"
     lines = [f"# First call: whole graph against compile once per block ({meta['device']})", "",
-             f"{meta['workload']}; torch {meta['torch']}, {meta['cpus']} CPUs, {meta['date']}; one process, each "
-             "variant in a fresh process with an empty Inductor cache directory.", "", f"`{meta['command']}`", "",
-             "| variant | first call s | second call s | max abs diff vs eager |", "|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['first_call_s']} | {r['second_call_s']} | {r['max_abs_diff_vs_eager']:.2e} |"
-              for r in results]
+             f"{meta['workload']}; torch {meta['torch']}, {meta['cpus']} CPUs, {meta['date']}; {where}, each "
+             "variant in a fresh process with an empty Inductor cache directory; step time: median of "
+             f"{args.steps} calls after the first.", "", f"`{meta['command']}`", "",
+             "| variant | first call s | step ms | max abs diff vs eager | second resolution | its first call s "
+             "| its step ms |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        diff = f"{r['max_abs_diff_vs_eager']:.2e}" if "max_abs_diff_vs_eager" in r else "-"
+        lines.append(f"| {r['variant']} | {r['first_call_s']} | {r['step_ms']} | {diff} | "
+                     f"{r.get('second_resolution', '-')} | {r.get('second_resolution_first_call_s', '-')} | "
+                     f"{r.get('second_resolution_step_ms', '-')} |")
     with open(stem + ".md", "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print("\n".join(lines))
