@@ -244,3 +244,82 @@ def test_values_are_released_after_their_last_reader():
     assert torch.equal(output[0] if isinstance(output, (list, tuple)) else output, expected)
     # When a part runs, only what the part before it produced is still alive (its own inputs).
     assert max(alive_at_call) <= 1, alive_at_call
+
+
+def _plain_symbols(value) -> set:
+    sizes = [*value.shape, *value.stride()] if isinstance(value, torch.Tensor) else []
+    return {size.node.expr for size in sizes if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol}
+
+
+def test_every_part_can_read_its_symbolic_sizes_off_its_tensor_inputs(monkeypatch):
+    """With the token count symbolic (s0) and sharded, a block reads token shards of (s0 + 1) // 2 tokens and
+    s0 itself as a SymInt: Inductor cannot invert the first and renames the second, and failed with
+    "expected [s0] to have been codegen-ed". Each part also gets a graph input whose size is s0 itself.
+    Checked here on rank 0 of a fake 2-rank world (one process), part by part."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import paracompile.passes.compile_blocks as compile_blocks
+
+    parts = []
+    original = compile_blocks._build_part
+
+    def keep(*args, **kwargs):
+        parts.append(original(*args, **kwargs))
+        return parts[-1]
+
+    monkeypatch.setattr(compile_blocks, "_build_part", keep)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        model, inputs = _flux(), CASES["flux"].make_inputs()
+        torch._dynamo.mark_dynamic(inputs["hidden_states"], 1)
+        torch._dynamo.mark_dynamic(inputs["img_ids"], 0)
+        _compile_counting(model, inputs, {"compiler": "eager", "compile_blocks": True, "mesh": {"ulysses": 2},
+                                          "check_inputs": "off"}, monkeypatch)
+    finally:
+        dist.destroy_process_group()
+    assert len(parts) > 7
+    for part in parts:
+        values = [node.meta.get("val") for node in part.graph_module.graph.nodes]
+        used = set().union(*(compile_blocks._free_symbols(value) for value in values))
+        readable = set().union(*(_plain_symbols(node.meta.get("val")) for node in part.graph_module.graph.nodes
+                                 if node.op == "placeholder"))
+        assert used, part.name  # the token count is symbolic in every part
+        assert used <= readable, (part.name, used, readable)
+
+
+def _run_two_resolutions(rank, world_size):
+    """Ulysses 2 with Inductor, compile once per block, token dims marked dynamic: a second resolution runs
+    on the same compiled parts (no new compile) and both match eager."""
+    torch._dynamo.reset()
+    model = _flux()
+    compiles = []
+    from paracompile import paracompile_backend
+
+    options = {"mesh": {"ulysses": 2}, "compile_blocks": True, "check_inputs": "off"}
+
+    def counting(gm, example_inputs):
+        compiles.append(len(gm.graph.nodes))
+        return paracompile_backend(gm, example_inputs, options=options)
+
+    compiled = torch.compile(model, backend=counting)
+    results = {}
+    for size in ("default", "other"):
+        inputs = CASES["flux"].make_inputs(size=size)
+        torch._dynamo.mark_dynamic(inputs["hidden_states"], 1)
+        torch._dynamo.mark_dynamic(inputs["img_ids"], 0)
+        results[size] = without_callables(run_compiled_vs_eager(model, inputs, {}, output_of=lambda out: out[0],
+                                                                compiled=compiled))
+        results[size]["compiles"] = len(compiles)
+    return results
+
+
+@pytest.mark.slow
+def test_a_second_resolution_reuses_the_compiled_blocks_on_two_ranks():
+    for rank, results in enumerate(run_on_ranks(_run_two_resolutions, 2, timeout=900)):
+        for size, result in results.items():
+            assert result["error"] is None, result["error"]
+            assert_matches(result["output"], result["expected"], f"rank {rank} {size}")
+            assert result["compiles"] == 1, (size, result["compiles"])

@@ -114,12 +114,48 @@ def split_by_block(gm: fx.GraphModule) -> BlockSplit:
                 if argument.op != "get_attr" and part_of.get(argument) != index and argument not in inputs:
                     inputs.append(argument)
         outputs = [node for node in chosen if any(reader != index for reader in later_readers.get(node, ()))]
+        inputs += _symbol_sources(chosen, inputs, placeholders, name)
         parts.append(_build_part(gm, name, chosen, inputs, outputs))
     if len(parts) < 2:
         raise BlocksUnavailable("the graph is one part")
     constants = {node: _fetch_attr(gm, node.target) for node in output_node.all_input_nodes if node.op == "get_attr"}
     return BlockSplit(parts, placeholders, output_node.args[0],
                       [name for _, _, name, is_block in bounds if is_block], constants)
+
+
+def _free_symbols(value: Any) -> set:
+    if isinstance(value, torch.SymInt):
+        return set(value.node.expr.free_symbols)
+    if isinstance(value, torch.Tensor):
+        return set().union(*(_free_symbols(size) for size in (*value.shape, *value.stride())))
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_free_symbols(item) for item in value))
+    return set()
+
+
+def _bound_symbols(value: Any) -> set:
+    """The symbols a compiler can read off this input: the sizes and strides of a tensor that are a symbol
+    alone. Not a SymInt input: compile_fx gives that a fresh symbol (s0 comes in as s7), so a part whose
+    only source of s0 is a SymInt fails as if it had none."""
+    sizes = [*value.shape, *value.stride()] if isinstance(value, torch.Tensor) else []
+    return {size.node.expr for size in sizes if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol}
+
+
+def _symbol_sources(chosen: list[fx.Node], inputs: list[fx.Node], placeholders: list[fx.Node], name: str) -> list:
+    """Graph inputs to pass to a part as well, so that every symbol its shapes use can be read off its inputs:
+    a block whose inputs are token shards of (s0 + 1) // 2 tokens still needs s0 itself (Inductor cannot
+    invert the expression, and fails with "expected [s0] to have been codegen-ed")."""
+    needed = set().union(*(_free_symbols(node.meta.get("val")) for node in [*chosen, *inputs]))
+    bound = set().union(*(_bound_symbols(node.meta.get("val")) for node in inputs))
+    extra = []
+    for symbol in sorted(needed - bound, key=str):
+        source = next((p for p in placeholders if symbol in _bound_symbols(p.meta.get("val"))), None)
+        if source is None:
+            raise BlocksUnavailable(f"{name} uses the size {symbol}, which no graph input carries")
+        if source not in inputs and source not in extra:
+            extra.append(source)
+        bound |= _bound_symbols(source.meta.get("val"))
+    return extra
 
 
 def _build_part(gm: fx.GraphModule, name: str, chosen: list[fx.Node], inputs: list[fx.Node],
