@@ -170,7 +170,6 @@ def _collect(receivers: dict[Connection, int], processes, timeout: float, report
 
     Adds every rank that sent a message (or exited) to ``reported_ranks``.
     """
-    world_size = len(processes)
     deadline = time.monotonic() + timeout
     results: dict[int, Any] = {}
     failures: dict[int, str] = {}  # In order of arrival.

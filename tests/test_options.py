@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from paracompile.mesh import resolve_mesh
 from paracompile.options import Options, parse_options
-from tests.conftest import assert_matches, assert_ranks_match, run_compiled_vs_eager, without_callables
+from tests.conftest import assert_matches, assert_ranks_match, run_compiled_vs_eager
 from tests.multiprocess import run_on_ranks
 from tests.toy_dit import ToyDiT, toy_inputs
 
