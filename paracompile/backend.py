@@ -6,7 +6,8 @@ returns what the graph returns (to Inductor's accuracy), or raises the same erro
 torch calls `paracompile_backend(graph_module, example_inputs, options=...)` with Dynamo's graph. One
 process: plain Inductor (with First Block Cache or CUDA graphs if asked). Several ranks, one linear pipeline:
   parse_options -> resolve_mesh (degrees checked, groups made) -> trace_to_aten -> resolve_auto ("auto"
-  needs the graph's head counts) -> shard_batch -> shard_tokens (attention strategy per attention node)
+  needs the graph's head counts) -> shard_batch -> shard_tokens (sharding_plan.plan_sharding: a layout per node,
+  the cuts, an attention strategy per attention node; then one rewrite that applies the plan)
   -> compile_graph (First Block Cache's split, compile once per block if asked, Inductor with the overlap
   patches, CUDA graphs) -> guarded
   (the ranks' input check, forward only).
@@ -15,7 +16,6 @@ bounded registry of reports (`explanations`, `rewritten_graphs`).
 """
 from __future__ import annotations
 
-import functools
 import logging
 import warnings
 from collections import deque
@@ -31,9 +31,10 @@ from paracompile.options import Options, inductor_patches, parse_options
 from paracompile.passes.compile_blocks import compile_by_block
 from paracompile.passes.first_block_cache import compile_with_first_block_cache
 from paracompile.passes.shard_batch import shard_batch
-from paracompile.passes.shard_tokens import attention_nodes, self_attention_head_counts, shard_tokens
+from paracompile.passes.shard_tokens import shard_tokens
+from paracompile.passes.sharding_plan import attention_nodes, self_attention_head_counts
 from paracompile.passes.trace_to_aten import aten_graph_with_values, trace_to_aten
-from paracompile.passes.ulysses_attention import rewrite_attention
+from paracompile.passes.ulysses_attention import SequenceAttention
 from paracompile.runtime import InputCheck, guarded, model_state_positions
 
 logger = logging.getLogger("paracompile")
@@ -75,7 +76,7 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
         report.slices += [f"batch: {line}" for line in batch_report.slices]
         report.gathers += [f"batch: {line}" for line in batch_report.gathers]
     if plan.sequence is not None:
-        strategy = functools.partial(rewrite_attention, ulysses_chunks=parsed.ulysses_chunks)
+        strategy = SequenceAttention(plan, ulysses_chunks=parsed.ulysses_chunks)
         sharded = shard_tokens(sharded, plan.sequence, report, strategy, mesh=plan)
         sharded.graph.eliminate_dead_code()
         sharded.recompile()

@@ -188,3 +188,85 @@ def test_ulysses_attention_reads_its_inputs_where_the_exchange_left_them(fake_ra
     assert len(recorder.attention) == kernels  # the toy's cross-shaped attention (16 queries, 6 keys) has one chunk
     for storages in recorder.attention:
         assert all(storage in recorder.exchanged for storage in storages)
+
+
+def _sharding_of(model, inputs, mesh: dict):
+    """Each Dynamo graph of `model` with attention, planned (sharding_plan.plan_sharding) and rewritten
+    (shard_tokens.TokenShardingRewriter) by hand as the backend would: [(plan, rewriter, report)]."""
+    from paracompile.explain import Report
+    from paracompile.mesh import resolve_mesh
+    from paracompile.passes.shard_tokens import TokenShardingRewriter
+    from paracompile.passes.sharding_plan import attention_nodes, plan_sharding
+    from paracompile.passes.trace_to_aten import trace_to_aten
+    from paracompile.passes.ulysses_attention import SequenceAttention
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(trace_to_aten(gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(**inputs)
+    mesh_plan = resolve_mesh(mesh)
+    results = []
+    for aten_graph in graphs:
+        if not attention_nodes(aten_graph.graph):
+            continue
+        strategy = SequenceAttention(mesh_plan)
+        plan = plan_sharding(aten_graph, mesh_plan.sequence.size, strategy)
+        report = Report()
+        rewriter = TokenShardingRewriter(aten_graph, mesh_plan.sequence, report, strategy, mesh_plan, plan)
+        rewriter.run()
+        results.append((plan, rewriter, report))
+    return results
+
+
+@pytest.mark.parametrize("name", ["toy", "flux", "sd3", "wan_t2v", "hunyuan_video", "qwen_image", "lumina2",
+                                  "hidream"])
+@pytest.mark.parametrize("mesh", [{"ulysses": 2}, {"ring": 2}])
+def test_the_rewrite_does_what_its_plan_says(fake_rank0, name, mesh):
+    """The plan is made before the rewrite, from layouts alone; the rewrite then follows it: every node ends
+    with the layout the plan gave it, every attention becomes what the plan says, the same values are
+    gathered, and no source needs another cut (the plan settled segment conflicts, so the rewrite runs once).
+    Lumina2 writes in place into buffers; the toy and HiDream need a cut with text and image segments."""
+    model, inputs = _model(name)
+    graphs = _sharding_of(model, inputs, mesh)
+    assert graphs
+    for plan, rewriter, report in graphs:
+        actual = {}
+        for node, value in rewriter.env.items():
+            layout = getattr(value, "layout", None) if getattr(value, "native_sharded", False) else None
+            if node in plan.layouts:
+                actual[node] = layout
+        mismatched = [(node.name, plan.layouts[node], layout) for node, layout in actual.items()
+                      if (plan.layouts[node] is None) != (layout is None)
+                      or (layout is not None and plan.layouts[node] != layout)]
+        assert not mismatched, mismatched[:5]
+        assert rewriter.missed_cuts() == {}
+        assert set(plan.cuts) == rewriter.cut_sources
+        kinds = {"ulysses": "ulysses over", "ring": "ring over", "local": "local (", "replicated": "replicated ("}
+        assert [kinds[site.kind] for site in plan.attention.values()] == \
+            [next(k for k in kinds.values() if k in line) for line in report.attention]
+        gathered = sorted(line.split(":")[0] for line in report.gathers if "written on the full" not in line)
+        assert sorted(node.name for node, _ in plan.gathers) == gathered
+
+
+def test_a_source_is_cut_with_the_segments_its_users_need_before_the_rewrite(fake_rank0, monkeypatch):
+    """The toy's token positions are one `arange` over text and image tokens, meeting queries that
+    concatenate the two: the plan cuts it with both segments in a second planning round (the first would
+    have re-split it, a gather), and the rewrite runs once."""
+    from paracompile.passes import shard_tokens
+
+    runs = []
+    original = shard_tokens.TokenShardingRewriter.run
+    monkeypatch.setattr(shard_tokens.TokenShardingRewriter, "run", lambda self: runs.append(1) or original(self))
+    model, inputs = _model("toy")
+    (plan, rewriter, report), *_ = _sharding_of(model, inputs, {"ulysses": 2})
+    assert plan.rounds == 2
+    assert any(len(layout.segments) == 2 for layout in plan.cuts.values())
+    assert not any("re-split" in reason for _, reason in plan.gathers)
+    runs.clear()
+    plan_of("toy", {"ulysses": 2})
+    assert runs == [1]

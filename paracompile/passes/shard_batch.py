@@ -17,7 +17,8 @@ from paracompile.explain import Report, describe_node
 from paracompile.meta import copy_origin
 from paracompile.passes.fake_propagation import propagate_fake_values
 from paracompile.passes.sharding_rules import OpView
-from paracompile.passes.shard_tokens import attention_nodes, find_axis_sources, shard_tokens
+from paracompile.passes.shard_tokens import shard_tokens
+from paracompile.passes.sharding_plan import AttentionSite, attention_nodes, find_axis_sources
 from paracompile.passes.token_layout import known_divisible, same_size
 
 
@@ -39,36 +40,46 @@ def shard_batch(gm: fx.GraphModule, group: ProcessGroupInfo, report: Report) -> 
         mask = view["attn_mask"]
         if isinstance(mask, fx.Node) and len(view.shape(mask)) >= 3 and not same_size(view.shape(mask)[0], 1):
             seeds.append((mask, 0))
-    sharded = shard_tokens(gm, group, report, batch_local_attention, demands=find_axis_sources(seeds))
+    sharded = shard_tokens(gm, group, report, BatchAttention(), demands=find_axis_sources(seeds))
     sharded.graph.eliminate_dead_code()
     sharded.recompile()
     propagate_fake_values(sharded)  # the token pass reads shapes from node.meta["val"]
     return sharded
 
 
-def batch_local_attention(rewriter, node: fx.Node) -> None:
+class BatchAttention:
     """Attention treats batch rows independently: on batch shards it runs as it is."""
-    view = OpView(node, rewriter.layout_of)
-    layout = view.layout("query")
-    name = describe_node(node)
-    args = dict(view.args)
-    if layout is None or layout.dim != 0:
+
+    def plan(self, node: fx.Node, layout_of) -> AttentionSite:
+        view = OpView(node, layout_of)
+        layout = view.layout("query")
+        if layout is None or layout.dim != 0:
+            return AttentionSite("replicated", "the batch axis does not reach its queries")
+        inputs = {name: layout for name in ("query", "key", "value")}
+        mask = view["attn_mask"]
+        if isinstance(mask, fx.Node) and len(view.shape(mask)) >= 3 and not same_size(view.shape(mask)[0], 1):
+            inputs["attn_mask"] = layout
+        return AttentionSite("batch", inputs=inputs, output=layout)
+
+    def __call__(self, rewriter, node: fx.Node) -> None:
+        site = self.plan(node, rewriter.layout_of)
+        view = OpView(node, rewriter.layout_of)
+        name = describe_node(node)
+        args = dict(view.args)
+        if site.kind == "replicated":
+            for tensor_name in ("query", "key", "value", "attn_mask"):
+                if isinstance(args[tensor_name], fx.Node):
+                    args[tensor_name] = rewriter.replicated(args[tensor_name], f"{name}: queries are not batch-split")
+            rewriter.bind_replicated(node, rewriter.emit(node.target, args))
+            rewriter.report.attention.append(f"{name}: replicated ({site.reason})")
+            return
         for tensor_name in ("query", "key", "value", "attn_mask"):
-            if isinstance(args[tensor_name], fx.Node):
-                args[tensor_name] = rewriter.replicated(args[tensor_name], f"{name}: queries are not batch-split")
-        rewriter.bind_replicated(node, rewriter.emit(node.target, args))
-        rewriter.report.attention.append(f"{name}: replicated (the batch axis does not reach its queries)")
-        return
-    for tensor_name in ("query", "key", "value"):
-        args[tensor_name] = rewriter.sharded(view[tensor_name], layout, name)
-    mask = view["attn_mask"]
-    if isinstance(mask, fx.Node):
-        mask_shape = view.shape(mask)
-        if len(mask_shape) >= 3 and not same_size(mask_shape[0], 1):
-            args["attn_mask"] = rewriter.sharded(mask, layout, name)
-        else:
-            args["attn_mask"] = rewriter.replicated(mask, name)
-    new = rewriter.emit(node.target, args)
-    copy_origin(new, node)
-    rewriter.bind_sharded(node, new, layout)
-    rewriter.report.attention.append(f"{name}: batch rows split over {rewriter.group.size} ranks")
+            if not isinstance(args[tensor_name], fx.Node):
+                continue
+            layout = site.inputs.get(tensor_name)
+            args[tensor_name] = (rewriter.sharded(view[tensor_name], layout, name) if layout is not None
+                                 else rewriter.replicated(view[tensor_name], name))
+        new = rewriter.emit(node.target, args)
+        copy_origin(new, node)
+        rewriter.bind_sharded(node, new, site.output)
+        rewriter.report.attention.append(f"{name}: batch rows split over {rewriter.group.size} ranks")

@@ -6,14 +6,15 @@ on tokens independently runs on this rank's token shard; the only communication 
 (see ulysses_attention.py) and where a value leaves the token-local region (an all-gather). Sizes held
 by SymInt nodes keep their global meaning; ops whose arguments spell out token counts get local ones.
 
-How it works:
-1. Demand analysis (backward): from the q, k and v of every self-attention, walk back through the ops
-   that have a rule, finding the dim that holds the token axis in every producer. Nodes reached this way
-   whose own inputs do not carry the axis (graph inputs, `arange`, the flatten after a patch
-   embedding) are where shards are first cut.
-2. Rewrite (forward, in graph order): every node runs on shards when the rules say so, with its inputs
-   converted as needed: a replicated input is sliced (free), a sharded input that an op needs whole is
-   gathered (reported), a shard with another segment split is re-cut.
+Plan, then apply:
+1. The plan (sharding_plan.py, before anything is emitted): from the q, k and v of every self-attention,
+   walk back through the ops that have a rule to find the dim that holds the token axis in every
+   producer; nodes reached this way whose own inputs do not carry the axis (graph inputs, `arange`, the
+   flatten after a patch embedding) are where shards are first cut, each with the segments its users
+   need. The plan also gives every node its layout and every attention its strategy.
+2. The rewrite (this module, once, forward in graph order): every node runs on shards as the plan says,
+   with its inputs converted as needed: a replicated input is sliced (free), a sharded input that an op
+   needs whole is gathered (reported), a shard with another segment split is re-cut.
 """
 from __future__ import annotations
 
@@ -30,99 +31,12 @@ from paracompile.collectives import ProcessGroupInfo, SegmentArithmetic
 from paracompile.explain import Report, describe_node
 from paracompile.graph_builder import GraphBuilder
 from paracompile.meta import copy_origin
-from paracompile.passes.sharding_rules import (ANY, OpView, Sharding, is_size_query, is_tensor_node, rule_for,
-                                               why_not_local)
+from paracompile.passes.sharding_plan import (ATTENTION, DEFINITE_VIEWS, ShardingPlan, better_source_segments,
+                                              is_tensor_list, plan_sharding, tensor_inputs, written_arguments)
+from paracompile.passes.sharding_rules import ANY, OpView, Sharding, is_size_query, is_tensor_node, rule_for, why_not_local
 from paracompile.passes.token_layout import TokenLayout, same_size
 
 aten = torch.ops.aten
-ATTENTION = aten.scaled_dot_product_attention.default
-
-
-def attention_nodes(graph: fx.Graph) -> list[fx.Node]:
-    return [node for node in graph.nodes if node.op == "call_function" and node.target is ATTENTION]
-
-
-def self_attention_head_counts(graph: fx.Graph) -> list[int]:
-    """Head counts of the attentions whose queries and keys have the same token count."""
-    counts = []
-    for node in attention_nodes(graph):
-        view = OpView(node, lambda _: None)
-        query_shape, key_shape = view.shape(view["query"]), view.shape(view["key"])
-        if len(query_shape) >= 3 and same_size(query_shape[-2], key_shape[-2]) and isinstance(query_shape[-3], int):
-            counts.append(query_shape[-3])
-    return counts
-
-
-# ----------------------------------------------------------------------------------------------------
-# 1. Demand analysis
-
-def find_token_dims(graph: fx.Graph) -> dict[fx.Node, int]:
-    """For each node that feeds the token axis of some self-attention: the dim of its token axis."""
-    seeds = []
-    for node in attention_nodes(graph):
-        view = OpView(node, lambda _: None)
-        query, key = view["query"], view["key"]
-        token_dim = len(view.shape(query)) - 2
-        seeds.append((query, token_dim))
-        if same_size(view.shape(query)[token_dim], view.shape(key)[token_dim]):
-            # Self or joint attention. Cross-attention keeps its (short) keys and values replicated,
-            # which needs no communication at all.
-            seeds += [(key, token_dim), (view["value"], token_dim)]
-    return find_axis_sources(seeds)
-
-
-def find_axis_sources(seeds: list[tuple[fx.Node, int]]) -> dict[fx.Node, int]:
-    """From (node, dim) seeds, walks back through the ops that have a rule: for each node reached, the
-    dim at which it carries the seeds' axis."""
-    demands: dict[fx.Node, int] = {}
-    worklist: list[fx.Node] = []
-
-    def demand(node: fx.Node, dim: int) -> None:
-        if node not in demands:
-            demands[node] = dim
-            worklist.append(node)
-
-    for node, dim in seeds:
-        demand(node, dim)
-
-    while worklist:
-        node = worklist.pop()
-        dim = demands[node]
-        if node.op != "call_function":
-            continue
-        if node.target is operator.getitem:
-            demand(node.args[0], dim)
-            continue
-        rule = rule_for(node)
-        if rule is None or not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        for producer in _tensor_inputs(node):
-            if producer in demands:
-                continue
-            shape = producer.meta["val"].shape
-            for candidate in range(len(shape)):
-                if same_size(shape[candidate], 1):
-                    continue
-                trial = {producer: TokenLayout(candidate, (shape[candidate],))}
-                try:
-                    sharding = rule(OpView(node, trial.get))
-                except Exception:  # a rule that cannot reason about this combination: no demand
-                    sharding = None
-                if sharding is None:
-                    continue
-                output = sharding.output[0] if isinstance(sharding.output, list) else sharding.output
-                if output is not None and output.dim == dim:
-                    demand(producer, candidate)
-                    break
-    return demands
-
-
-def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    found = []
-    for value in list(node.args) + list(node.kwargs.values()):
-        values = value if isinstance(value, (list, tuple)) else [value]
-        found.extend(v for v in values if is_tensor_node(v) and v not in found)
-    return found
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,21 +90,19 @@ class LocalShard:
 
 class TokenShardingRewriter:
     def __init__(self, gm: fx.GraphModule, group: ProcessGroupInfo, report: Report, attention_strategy,
-                 mesh=None, demands: Optional[dict] = None, source_segments: Optional[dict] = None):
+                 mesh, plan: ShardingPlan):
         self.gm = gm
         self.group = group  # the group that splits the axis this pass shards
         self.mesh = mesh  # the whole MeshPlan, for attention strategies that use its other groups
         self.report = report
         self.attention_strategy = attention_strategy
-        self.strict_ulysses = bool(mesh is not None and mesh.explicit)
         self.graph = fx.Graph()
         self.builder = GraphBuilder(self.graph, {})
         self.env: dict[fx.Node, Any] = {}
-        self.demands = find_token_dims(gm.graph) if demands is None else demands
-        # Where a shard was cut with one segment split and later needed with another, the next round
-        # cuts it with the split its users need (see better_source_segments).
-        self.source_segments: dict[fx.Node, tuple] = dict(source_segments or {})
+        self.plan = plan
         self.cut_sources: set[fx.Node] = set()
+        # Re-splits of a value whose source was cut with another segment split (a gather each): the plan
+        # settles these, so after a rewrite that followed its plan there are none a better cut would avoid.
         self.resplits: list[tuple[fx.Node, TokenLayout]] = []
         self.alias_root: dict[fx.Node, fx.Node] = {}
         self.alias_members: dict[fx.Node, list[fx.Node]] = {}
@@ -232,30 +144,12 @@ class TokenShardingRewriter:
             return 0
         return 0 if value.replicated is not None else 1
 
-    def better_source_segments(self) -> dict[fx.Node, tuple]:
-        """For each re-split of this round: the source whose cut, made with the needed segments instead,
-        would have made the re-split unnecessary. A source qualifies when the re-split value descends from
-        it through ops that kept the segments unchanged."""
-        better = dict(self.source_segments)
-        for node, needed in self.resplits:
-            have = self.layout_of(node)
-            if have is None or not same_size(have.length, needed.length):
-                continue
-            frontier, seen = [node], set()
-            while frontier:
-                current = frontier.pop()
-                if current in seen:
-                    continue
-                seen.add(current)
-                if current in self.cut_sources:
-                    if current not in better:
-                        better[current] = needed.segments
-                    continue
-                for producer in _tensor_inputs(current):
-                    layout = self.layout_of(producer)
-                    if layout is not None and layout.same_split(have):
-                        frontier.append(producer)
-        return better
+    def missed_cuts(self) -> dict[fx.Node, tuple]:
+        """Sources that the rewrite re-split and that a cut with other segments would have spared: empty
+        when the plan foresaw every re-split."""
+        planned = {node: layout.segments for node, layout in self.plan.cuts.items()}
+        better = better_source_segments(self.resplits, self.layout_of, self.cut_sources, planned)
+        return {node: segments for node, segments in better.items() if node not in planned}
 
     def bind_sharded(self, node: fx.Node, new: fx.Node, layout: TokenLayout) -> None:
         self.env[node] = Value(node.meta["val"].dim(), sharded=new, layout=layout, native_sharded=True)
@@ -308,13 +202,13 @@ class TokenShardingRewriter:
     def _cut_if_demanded(self, node: fx.Node) -> None:
         """The token axis starts here: keep the full value for other users and cut this rank's shard."""
         value = self.env[node]
-        dim = self.demands.get(node)
+        dim = self.plan.demands.get(node)
         if dim is None or value.sharded is not None:
             return
         length = node.meta["val"].shape[dim]
         if same_size(length, 1) or (isinstance(length, int) and length < self.group.size):
             return
-        segments = self.source_segments.get(node, (length,))
+        segments = self.plan.segments_of_cut(node, length)
         layout = TokenLayout(dim, segments)
         self.cut_sources.add(node)
         value.sharded = collectives.slice_to_layout(self.builder, value.replicated, layout, self.group)
@@ -339,10 +233,10 @@ class TokenShardingRewriter:
             self._track_alias(node)
             return
         result = node.meta.get("val")
-        if not isinstance(result, torch.Tensor) and not _is_tensor_list(result):
+        if not isinstance(result, torch.Tensor) and not is_tensor_list(result):
             self._call_non_tensor(node)
             return
-        inputs = _tensor_inputs(node)
+        inputs = tensor_inputs(node)
         sharded_inputs = [n for n in inputs if self.layout_of(n) is not None]
         if sharded_inputs:
             rule = rule_for(node)
@@ -455,7 +349,7 @@ class TokenShardingRewriter:
     def _writes_own_storage(self, node: fx.Node, required: dict) -> bool:
         """Whether every argument `node` writes into is a true view whose own representation is the one the
         op is given (`required`: the layouts the op's rule asks for, by argument name; None: replicated)."""
-        names = _written_arguments(node)
+        names = written_arguments(node)
         if not names:
             return True
         arguments = OpView(node, self.layout_of).args
@@ -476,7 +370,7 @@ class TokenShardingRewriter:
     def _written_nodes(self, node: fx.Node) -> list[fx.Node]:
         """The tensors `node` writes into."""
         arguments = OpView(node, self.layout_of).args
-        return [arguments[name] for name in _written_arguments(node) if is_tensor_node(arguments[name])]
+        return [arguments[name] for name in written_arguments(node) if is_tensor_node(arguments[name])]
 
     def _is_true_view(self, node: fx.Node) -> bool:
         return node not in self.alias_parent or node in self.true_views
@@ -527,7 +421,7 @@ class TokenShardingRewriter:
             base = rebuilt[parent]
             if member.target is operator.getitem:
                 new = self.graph.call_function(operator.getitem, (base, member.args[1]))
-            elif _written_arguments(member):
+            elif written_arguments(member):
                 new = base  # an in-place op's result is the tensor it wrote into
             else:
                 new = self._copy(member, lambda v: base if v is parent else self._map_plain(v, reason))
@@ -536,7 +430,7 @@ class TokenShardingRewriter:
             result = member.meta["val"]
             if isinstance(result, torch.Tensor):
                 self.env[member] = Value(result.dim(), replicated=new)
-            elif _is_tensor_list(result):
+            elif is_tensor_list(result):
                 self.env[member] = [Value(t.dim(), replicated=self.graph.call_function(operator.getitem, (new, i)))
                                     for i, t in enumerate(result)]
             if true[member]:
@@ -572,14 +466,14 @@ class TokenShardingRewriter:
             return
         if target._schema.returns[0].alias_info is None:
             return
-        inputs = _tensor_inputs(node)
+        inputs = tensor_inputs(node)
         if not inputs:
             return
         parent = inputs[0]
         native = self._native_node(parent)
         true = (self._is_true_view(parent) and new is not None and native is not None
                 and native in new.all_input_nodes
-                and (target.overloadpacket in DEFINITE_VIEWS or bool(_written_arguments(node))))
+                and (target.overloadpacket in DEFINITE_VIEWS or bool(written_arguments(node))))
         self._join(node, parent, true)
 
     def _join(self, node: fx.Node, parent: fx.Node, true: bool) -> None:
@@ -591,16 +485,6 @@ class TokenShardingRewriter:
             self.true_views.add(node)
 
 
-# Ops whose result is a view of their input wherever they run, on a full tensor or a shard (the rules
-# rewrite `view` to `reshape`, which stays a view on shards cut by slicing along one dim).
-DEFINITE_VIEWS = {
-    aten.view, aten.select, aten.slice, aten.narrow, aten.transpose, aten.permute, aten.t, aten.unsqueeze,
-    aten.squeeze, aten.expand, aten.alias, aten.detach, aten.movedim, aten.diagonal, aten.unfold,
-    aten.view_as_real, aten.view_as_complex, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind,
-    aten.tensor_split, aten.swapaxes, aten.swapdims, aten.as_strided, aten.unflatten,
-}
-
-
 def _first_layout(required) -> TokenLayout:
     for entry in required:
         for layout in (entry if isinstance(entry, list) else [entry]):
@@ -609,35 +493,19 @@ def _first_layout(required) -> TokenLayout:
     raise AssertionError("a rule with a patch must shard some input")
 
 
-def _written_arguments(node: fx.Node) -> list[str]:
-    target = node.target
-    if not isinstance(target, torch._ops.OpOverload):
-        return []
-    return [a.name for a in target._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-
-
-def _is_tensor_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, torch.Tensor) for v in value)
-
-
 def shard_tokens(gm: fx.GraphModule, group: ProcessGroupInfo, report: Report, attention_strategy,
-                 mesh=None, demands: Optional[dict] = None, rounds: int = 3) -> fx.GraphModule:
-    """Runs the rewrite; where a source was cut with a segment split its users re-split, cuts it again
-    with the split they need (at most `rounds` times). `demands` defaults to the token axes that feed
-    self-attention (find_token_dims)."""
-    demands = find_token_dims(gm.graph) if demands is None else demands
-    source_segments: dict = {}
-    for _ in range(rounds):
-        round_report = Report(world=report.world)
-        rewriter = TokenShardingRewriter(gm, group, round_report, attention_strategy, mesh,
-                                         demands, source_segments)
-        result = rewriter.run()
-        better = rewriter.better_source_segments()
-        if len(better) == len(source_segments):
-            break
-        source_segments = better
-    report.attention += round_report.attention
-    report.slices += round_report.slices
-    report.gathers += round_report.gathers
-    report.notes += round_report.notes
+                 mesh=None, demands: Optional[dict] = None) -> fx.GraphModule:
+    """Plans the sharding of `gm` (sharding_plan.py), then applies the plan in one rewrite. `demands`
+    defaults to the token axes that feed self-attention (find_token_dims)."""
+    plan = plan_sharding(gm, group.size, attention_strategy, demands)
+    rewriter = TokenShardingRewriter(gm, group, report, attention_strategy, mesh, plan)
+    result = rewriter.run()
+    report.notes.extend(plan.describe())
+    missed = rewriter.missed_cuts()
+    if missed:
+        # The plan predicts the rewrite's layouts; a re-split it did not foresee costs a gather, never
+        # correctness (the rewrite converts what it is given). Said, so that a test or a user sees it.
+        report.notes.append("the plan missed re-splits that other cuts would have avoided: "
+                            + ", ".join(f"{node.name} with segments {[str(s) for s in segments]}"
+                                        for node, segments in missed.items()))
     return result

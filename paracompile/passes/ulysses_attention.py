@@ -23,6 +23,7 @@ from paracompile import collectives
 from paracompile.explain import describe_node
 from paracompile.meta import copy_origin, mark_attention
 from paracompile.passes.ring_attention import mask_to_query_heads, ring_attention
+from paracompile.passes.sharding_plan import AttentionSite
 from paracompile.passes.sharding_rules import OpView
 from paracompile.passes.token_layout import known_divisible, same_size
 
@@ -33,63 +34,92 @@ class HeadCountError(ValueError):
     pass
 
 
-def rewrite_attention(rewriter, node: fx.Node, ulysses_chunks: int = 1) -> None:
-    view = OpView(node, rewriter.layout_of)
-    query, key = view["query"], view["key"]
-    layouts = [view.layout(name) for name in ("query", "key", "value")]
-    ndim = len(view.shape(query))
-    token_dim, head_dim = ndim - 2, ndim - 3
+class SequenceAttention:
+    """The attention strategy of the sequence mesh: `plan` decides what an attention node becomes from its
+    inputs' layouts alone (the sharding plan asks it before the rewrite); calling it rewrites the node
+    accordingly. `strict`: the mesh named its Ulysses degree, so a head count it does not divide is an
+    error rather than a replicated attention."""
+
+    def __init__(self, mesh, ulysses_chunks: int = 1):
+        self.mesh = mesh
+        self.ulysses_chunks = ulysses_chunks
+        self.strict = bool(mesh.explicit)
+
+    def plan(self, node: fx.Node, layout_of) -> AttentionSite:
+        view = OpView(node, layout_of)
+        query = view["query"]
+        layouts = [view.layout(name) for name in ("query", "key", "value")]
+        ndim = len(view.shape(query))
+        token_dim, head_dim = ndim - 2, ndim - 3
+
+        def replicated(reason: str) -> AttentionSite:
+            return AttentionSite("replicated", reason)
+
+        if all(layout is None for layout in layouts):
+            return replicated("no input is token-sharded")
+        if any(layout is not None and layout.dim != token_dim for layout in layouts) or ndim < 3:
+            return replicated("the token axis is not the sequence dim of attention")
+        if view["dropout_p"] not in (0, 0.0):
+            return replicated("attention dropout is random: sharding would change which elements are dropped")
+        query_layout, key_layout, value_layout = layouts
+        if query_layout is not None and key_layout is None and value_layout is None:
+            if view["is_causal"]:
+                return replicated("is_causal with sharded queries and full keys")
+            inputs = {"query": query_layout}
+            mask = view["attn_mask"]
+            if isinstance(mask, fx.Node):
+                mask_query_dim = len(view.shape(mask)) - 2
+                if mask_query_dim >= 0 and not same_size(view.shape(mask)[mask_query_dim], 1):
+                    inputs["attn_mask"] = query_layout.at_dim(mask_query_dim)
+            return AttentionSite("local", inputs=inputs, output=query_layout)
+        if query_layout is None or key_layout is None or value_layout is None:
+            return replicated("queries and keys/values are split differently")
+        heads = view.shape(query)[head_dim]
+        ulysses_size = self.mesh.ulysses.size if self.mesh.ulysses is not None else 1
+        if not known_divisible(heads, ulysses_size):
+            if self.strict:
+                raise HeadCountError(
+                    f"paracompile: {describe_node(node)} has {heads} attention heads, which the Ulysses degree "
+                    f"{ulysses_size} does not divide. Use a Ulysses degree that divides the head count, or "
+                    "mesh='auto'.")
+            return replicated(f"{heads} heads are not divisible by the Ulysses degree {ulysses_size}")
+        if self.mesh.ring is not None:
+            if ndim != 4:
+                return replicated("ring attention needs [batch, heads, tokens, head size] inputs")
+            # A ring step sends a key block with its value block, token for token: values split another way
+            # are re-cut to the keys' split.
+            return AttentionSite("ring", inputs={"query": query_layout, "key": key_layout,
+                                                 "value": key_layout.at_dim(value_layout.dim)}, output=query_layout)
+        return AttentionSite("ulysses", inputs={"query": query_layout, "key": key_layout, "value": value_layout},
+                             output=query_layout)
+
+    def __call__(self, rewriter, node: fx.Node) -> None:
+        site = self.plan(node, rewriter.layout_of)
+        view = OpView(node, rewriter.layout_of)
+        layouts = [view.layout(name) for name in ("query", "key", "value")]
+        if site.kind == "replicated":
+            _replicated_attention(rewriter, node, view, site.reason)
+        elif site.kind == "local":
+            _local_attention(rewriter, node, view, layouts[0])
+        elif site.kind == "ring":
+            ring_attention(rewriter, node, view, layouts, view.shape(view["query"])[-3])
+        else:
+            ndim = len(view.shape(view["query"]))
+            heads, key_heads = view.shape(view["query"])[ndim - 3], view.shape(view["key"])[ndim - 3]
+            _ulysses(rewriter, node, view, layouts, heads, key_heads, self.ulysses_chunks)
+
+
+def _replicated_attention(rewriter, node, view, reason: str) -> None:
+    """The original attention on full tensors, gathered where they are sharded."""
     name = describe_node(node)
-
-    def fallback(reason: str) -> None:
-        args = {k: v for k, v in view.args.items()}
-        for tensor_name in ("query", "key", "value", "attn_mask"):
-            if isinstance(args[tensor_name], fx.Node):
-                args[tensor_name] = rewriter.replicated(args[tensor_name], f"{name}: {reason}")
-        new = rewriter.emit(node.target, args)
-        copy_origin(new, node)
-        rewriter.bind_replicated(node, new)
-        rewriter.report.attention.append(f"{name}: replicated ({reason})")
-
-    if all(layout is None for layout in layouts):
-        fallback("no input is token-sharded")
-        return
-    if any(layout is not None and layout.dim != token_dim for layout in layouts) or ndim < 3:
-        fallback("the token axis is not the sequence dim of attention")
-        return
-    if view["dropout_p"] not in (0, 0.0):
-        fallback("attention dropout is random: sharding would change which elements are dropped")
-        return
-
-    query_layout, key_layout, value_layout = layouts
-    if query_layout is not None and key_layout is None and value_layout is None:
-        if view["is_causal"]:
-            fallback("is_causal with sharded queries and full keys")
-            return
-        _local_attention(rewriter, node, view, query_layout)
-        return
-    if query_layout is None or key_layout is None or value_layout is None:
-        fallback("queries and keys/values are split differently")
-        return
-
-    heads, key_heads = view.shape(query)[head_dim], view.shape(key)[head_dim]
-    mesh = rewriter.mesh
-    ulysses_size = mesh.ulysses.size if mesh.ulysses is not None else 1
-    if not known_divisible(heads, ulysses_size):
-        if rewriter.strict_ulysses:
-            raise HeadCountError(
-                f"paracompile: {name} has {heads} attention heads, which the Ulysses degree {ulysses_size} does "
-                "not divide. Use a Ulysses degree that divides the head count, or mesh='auto'."
-            )
-        fallback(f"{heads} heads are not divisible by the Ulysses degree {ulysses_size}")
-        return
-    if mesh.ring is not None:
-        if ndim != 4:
-            fallback("ring attention needs [batch, heads, tokens, head size] inputs")
-            return
-        ring_attention(rewriter, node, view, layouts, heads)
-        return
-    _ulysses(rewriter, node, view, layouts, heads, key_heads, ulysses_chunks)
+    args = dict(view.args)
+    for tensor_name in ("query", "key", "value", "attn_mask"):
+        if isinstance(args[tensor_name], fx.Node):
+            args[tensor_name] = rewriter.replicated(args[tensor_name], f"{name}: {reason}")
+    new = rewriter.emit(node.target, args)
+    copy_origin(new, node)
+    rewriter.bind_replicated(node, new)
+    rewriter.report.attention.append(f"{name}: replicated ({reason})")
 
 
 def _local_attention(rewriter, node, view, query_layout) -> None:

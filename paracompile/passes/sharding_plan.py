@@ -1,0 +1,498 @@
+"""The sharding plan: what the token pass will do, worked out on the original graph before it is rewritten.
+
+Invariant: `plan_sharding` reads the original graph (global shapes in node.meta["val"]) and the rule
+registry and emits no node. Its ShardingPlan says which tensors carry the axis (demands), where shards are
+first cut and with which segments (cuts), each node's layout, what each attention becomes (an
+AttentionSite from the attention strategy), and which values are gathered and why. shard_tokens.py then
+applies the plan in one rewrite: it cuts the plan's sources with the plan's segments.
+
+How the plan settles segments: a source is cut with one segment by default. When a later op needs that
+value split the way a concatenation split its other operand (the rotary table times the joint text and
+image queries), planning that layout would re-split it, which is a gather. The planner then cuts the
+source with the segments its users need and plans again, until no source would be re-cut (at most
+`rounds` plans; a plan is a walk over layouts, cheap next to a rewrite).
+
+The layouts follow the rewrite's own decisions: the same rule with the same conversion costs, the same
+attention strategy, the same treatment of in-place writes. tests/test_plans.py checks that the rewrite
+does what its plan says on whole models.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from paracompile.explain import describe_node
+from paracompile.passes.sharding_rules import ANY, OpView, is_size_query, is_tensor_node, rule_for
+from paracompile.passes.token_layout import TokenLayout, same_size
+
+aten = torch.ops.aten
+ATTENTION = aten.scaled_dot_product_attention.default
+
+
+def attention_nodes(graph: fx.Graph) -> list[fx.Node]:
+    return [node for node in graph.nodes if node.op == "call_function" and node.target is ATTENTION]
+
+
+def self_attention_head_counts(graph: fx.Graph) -> list[int]:
+    """Head counts of the attentions whose queries and keys have the same token count."""
+    counts = []
+    for node in attention_nodes(graph):
+        view = OpView(node, lambda _: None)
+        query_shape, key_shape = view.shape(view["query"]), view.shape(view["key"])
+        if len(query_shape) >= 3 and same_size(query_shape[-2], key_shape[-2]) and isinstance(query_shape[-3], int):
+            counts.append(query_shape[-3])
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Demands: which nodes carry the axis, and at which dim
+
+def find_token_dims(graph: fx.Graph) -> dict[fx.Node, int]:
+    """For each node that feeds the token axis of some self-attention: the dim of its token axis."""
+    seeds = []
+    for node in attention_nodes(graph):
+        view = OpView(node, lambda _: None)
+        query, key = view["query"], view["key"]
+        token_dim = len(view.shape(query)) - 2
+        seeds.append((query, token_dim))
+        if same_size(view.shape(query)[token_dim], view.shape(key)[token_dim]):
+            # Self or joint attention. Cross-attention keeps its (short) keys and values replicated,
+            # which needs no communication at all.
+            seeds += [(key, token_dim), (view["value"], token_dim)]
+    return find_axis_sources(seeds)
+
+
+def find_axis_sources(seeds: list[tuple[fx.Node, int]]) -> dict[fx.Node, int]:
+    """From (node, dim) seeds, walks back through the ops that have a rule: for each node reached, the
+    dim at which it carries the seeds' axis."""
+    demands: dict[fx.Node, int] = {}
+    worklist: list[fx.Node] = []
+
+    def demand(node: fx.Node, dim: int) -> None:
+        if node not in demands:
+            demands[node] = dim
+            worklist.append(node)
+
+    for node, dim in seeds:
+        demand(node, dim)
+
+    while worklist:
+        node = worklist.pop()
+        dim = demands[node]
+        if node.op != "call_function":
+            continue
+        if node.target is operator.getitem:
+            demand(node.args[0], dim)
+            continue
+        rule = rule_for(node)
+        if rule is None or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        for producer in tensor_inputs(node):
+            if producer in demands:
+                continue
+            shape = producer.meta["val"].shape
+            for candidate in range(len(shape)):
+                if same_size(shape[candidate], 1):
+                    continue
+                trial = {producer: TokenLayout(candidate, (shape[candidate],))}
+                try:
+                    sharding = rule(OpView(node, trial.get))
+                except Exception:  # a rule that cannot reason about this combination: no demand
+                    sharding = None
+                if sharding is None:
+                    continue
+                output = sharding.output[0] if isinstance(sharding.output, list) else sharding.output
+                if output is not None and output.dim == dim:
+                    demand(producer, candidate)
+                    break
+    return demands
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    found = []
+    for value in list(node.args) + list(node.kwargs.values()):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        found.extend(v for v in values if is_tensor_node(v) and v not in found)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """What one attention node becomes: `kind` is "replicated" (with `reason`), "local" (sharded queries,
+    full keys and values), "ulysses", "ring" or "batch". `inputs` maps argument names to the layout each
+    is used with (None: the full tensor); `output` is the result's layout (None: replicated)."""
+
+    kind: str
+    reason: str = ""
+    inputs: dict = field(default_factory=dict)
+    output: Optional[TokenLayout] = None
+
+
+@dataclass
+class ShardingPlan:
+    demands: dict[fx.Node, int]
+    cuts: dict[fx.Node, TokenLayout] = field(default_factory=dict)
+    layouts: dict[fx.Node, Optional[TokenLayout]] = field(default_factory=dict)
+    attention: dict[fx.Node, AttentionSite] = field(default_factory=dict)
+    gathers: list[tuple[fx.Node, str]] = field(default_factory=list)
+    rounds: int = 1
+
+    def segments_of_cut(self, node: fx.Node, length) -> tuple:
+        cut = self.cuts.get(node)
+        return cut.segments if cut is not None else (length,)
+
+    def describe(self) -> list[str]:
+        sharded = sum(1 for layout in self.layouts.values() if layout is not None)
+        kinds: dict[str, int] = {}
+        for site in self.attention.values():
+            kinds[site.kind] = kinds.get(site.kind, 0) + 1
+        attention = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())) or "none"
+        settled = [f"{node.name} cut with segments {[str(s) for s in layout.segments]}"
+                   for node, layout in self.cuts.items() if len(layout.segments) > 1]
+        return [f"plan: {len(self.cuts)} cuts, {sharded} token-sharded values, {len(self.gathers)} gathers, "
+                f"attention {attention}; settled in {self.rounds} planning round(s)"
+                + (f" ({'; '.join(settled)})" if settled else "")]
+
+
+@dataclass
+class _Planned:
+    """What the rewrite will hold for one tensor: whether its full value is at hand, the layout of its
+    shard if it has one, and which of the two the op produced (the other is derived)."""
+
+    layout: Optional[TokenLayout] = None
+    full: bool = True
+    native_sharded: bool = False
+    resliced: set = field(default_factory=set)
+
+    def forget_copies(self) -> None:
+        self.resliced = set()
+        if self.native_sharded:
+            self.full = False
+        else:
+            self.layout = None
+
+
+def plan_sharding(gm: fx.GraphModule, group_size: int, attention_strategy, demands: Optional[dict] = None,
+                  rounds: int = 3) -> ShardingPlan:
+    """The plan for sharding `gm`'s token axis (or, with `demands` from shard_batch, its batch axis) over a
+    group of `group_size` ranks; `attention_strategy.plan(node, layout_of)` says what each attention
+    becomes."""
+    demands = find_token_dims(gm.graph) if demands is None else demands
+    segments: dict[fx.Node, tuple] = {}
+    for round_number in range(1, rounds + 1):
+        planner = _Planner(gm, group_size, attention_strategy, demands, segments)
+        plan = planner.run()
+        plan.rounds = round_number
+        better = planner.better_source_segments()
+        if len(better) == len(segments):
+            return plan
+        segments = better
+    return plan
+
+
+class _Planner:
+    """One walk over the graph in order, following the rewrite's decisions on layouts alone."""
+
+    def __init__(self, gm, group_size, attention_strategy, demands, source_segments):
+        self.gm, self.group_size, self.attention_strategy = gm, group_size, attention_strategy
+        self.source_segments = source_segments
+        self.plan = ShardingPlan(demands=demands)
+        self.values: dict[fx.Node, Any] = {}
+        self.resplits: list[tuple[fx.Node, TokenLayout]] = []
+        self.alias_root: dict[fx.Node, fx.Node] = {}
+        self.alias_members: dict[fx.Node, list[fx.Node]] = {}
+        self.true_views: set[fx.Node] = set()
+        self.alias_parent: dict[fx.Node, fx.Node] = {}
+
+    def run(self) -> ShardingPlan:
+        for node in self.gm.graph.nodes:
+            if node.op in ("placeholder", "get_attr"):
+                self._bind_full(node)
+            elif node.op == "output":
+                self._need_full_all(node.args[0], "graph output")
+            elif node.target is ATTENTION:
+                self._attention(node)
+            else:
+                self._call(node)
+        for node, value in self.values.items():
+            if isinstance(value, _Planned):
+                self.plan.layouts[node] = value.layout if value.native_sharded else None
+        return self.plan
+
+    # Layouts and conversions, as the rewrite makes them ------------------------------------------
+    def layout_of(self, node: fx.Node) -> Optional[TokenLayout]:
+        value = self.values.get(node)
+        return value.layout if isinstance(value, _Planned) else None
+
+    def cost(self, node: fx.Node, layout: TokenLayout) -> int:
+        value = self.values.get(node)
+        if not isinstance(value, _Planned):
+            return 0
+        if (value.layout is not None and value.layout == layout) or layout.key() in value.resliced:
+            return 0
+        return 0 if value.full else 1
+
+    def need_full(self, node: fx.Node, reason: str) -> None:
+        value = self.values.get(node)
+        if isinstance(value, _Planned) and not value.full:
+            value.full = True
+            self.plan.gathers.append((node, reason))
+
+    def need_sharded(self, node: fx.Node, layout: TokenLayout, reason: str) -> None:
+        value = self.values[node]
+        if (value.layout is not None and value.layout == layout) or layout.key() in value.resliced:
+            return
+        if not value.full:
+            self.resplits.append((node, layout))
+            self.need_full(node, f"re-split from {value.layout.describe()} to {layout.describe()} for {reason}")
+        value.resliced.add(layout.key())
+
+    def _convert(self, node: fx.Node, required: Any, reason: str) -> None:
+        if required is ANY:
+            return
+        if required is None:
+            self.need_full(node, f"{reason} needs it whole")
+        else:
+            self.need_sharded(node, required, reason)
+
+    def _need_full_all(self, value: Any, reason: str) -> None:
+        if isinstance(value, fx.Node):
+            self.need_full(value, reason)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                self._need_full_all(item, reason)
+
+    def _bind_full(self, node: fx.Node) -> None:
+        result = node.meta.get("val")
+        if isinstance(result, torch.Tensor):
+            self.values[node] = _Planned()
+            self._cut_if_demanded(node)
+        elif is_tensor_list(result):
+            self.values[node] = [_Planned() for _ in result]
+
+    def _cut_if_demanded(self, node: fx.Node) -> None:
+        value = self.values[node]
+        dim = self.plan.demands.get(node)
+        if dim is None or value.layout is not None:
+            return
+        length = node.meta["val"].shape[dim]
+        if same_size(length, 1) or (isinstance(length, int) and length < self.group_size):
+            return
+        layout = TokenLayout(dim, self.source_segments.get(node, (length,)))
+        value.layout = layout
+        self.plan.cuts[node] = layout
+
+    # Nodes -----------------------------------------------------------------------------------------
+    def _attention(self, node: fx.Node) -> None:
+        site = self.attention_strategy.plan(node, self.layout_of)
+        self.plan.attention[node] = site
+        view = OpView(node, self.layout_of)
+        for name in ("query", "key", "value", "attn_mask"):
+            if is_tensor_node(view.args[name]):
+                self._convert(view.args[name], site.inputs.get(name), describe_node(node))
+        if site.output is None:
+            self.values[node] = _Planned()
+        else:
+            self.values[node] = _Planned(layout=site.output, full=False, native_sharded=True)
+
+    def _call(self, node: fx.Node) -> None:
+        if node.target is operator.getitem and isinstance(self.values.get(node.args[0]), list):
+            self.values[node] = self.values[node.args[0]][node.args[1]]
+            self._track_alias(node, read_native=True)
+            return
+        result = node.meta.get("val")
+        if not isinstance(result, torch.Tensor) and not is_tensor_list(result):
+            if not (is_size_query(node.target) and self.layout_of(node.args[0]) is not None
+                    and not self.values[node.args[0]].full):
+                self._need_full_all(list(node.args) + list(node.kwargs.values()), f"{describe_node(node)} reads values")
+            return
+        inputs = tensor_inputs(node)
+        if any(self.layout_of(n) is not None for n in inputs):
+            rule = rule_for(node)
+            sharding = rule(OpView(node, self.layout_of, self.cost)) if rule is not None else None
+            if sharding is not None:
+                if not self._writes_own_storage(node, sharding.inputs):
+                    self._write_into_full_tensor(node)
+                    return
+                self._sharded(node, sharding)
+                return
+        if not self._writes_own_storage(node, {}):
+            self._write_into_full_tensor(node)
+            return
+        reason = describe_node(node)
+        for producer in inputs:
+            self.need_full(producer, f"{reason} needs it whole")
+        self._after_write(node)
+        self._track_alias(node, read_native=bool(inputs) and not self.values[inputs[0]].native_sharded)
+        if isinstance(result, torch.Tensor):
+            self.values[node] = _Planned()
+            self._cut_if_demanded(node)
+        else:
+            self.values[node] = [_Planned() for _ in result]
+
+    def _sharded(self, node: fx.Node, sharding) -> None:
+        view = OpView(node, self.layout_of)
+        reason = describe_node(node)
+        for name, value in view.args.items():
+            required = sharding.inputs.get(name)
+            if isinstance(value, (list, tuple)) and any(is_tensor_node(v) for v in value):
+                required = required if isinstance(required, list) else [None] * len(value)
+                for item, item_required in zip(value, required):
+                    if is_tensor_node(item):
+                        self._convert(item, item_required, reason)
+            elif is_tensor_node(value):
+                self._convert(value, required, reason)
+            elif isinstance(value, fx.Node):
+                self.need_full(value, reason)
+        self._after_write(node)
+        inputs = tensor_inputs(node)
+        read_native = False
+        if inputs:
+            parent = inputs[0]
+            name = next((n for n, v in view.args.items() if v is parent), None)
+            wanted = sharding.inputs.get(name) if name is not None else None
+            own = self.values[parent]
+            read_native = wanted is ANY or (own.native_sharded and isinstance(wanted, TokenLayout)
+                                            and own.layout == wanted) or (not own.native_sharded and wanted is None)
+        self._track_alias(node, read_native)
+        if sharding.output is None:
+            self.values[node] = _Planned()
+            self._cut_if_demanded(node)
+        elif isinstance(sharding.output, list):
+            self.values[node] = [_Planned(layout=layout, full=False, native_sharded=True) for layout in sharding.output]
+        else:
+            self.values[node] = _Planned(layout=sharding.output, full=False, native_sharded=True)
+
+    # In-place writes (shard_tokens.py explains the rule) -------------------------------------------
+    def _writes_own_storage(self, node: fx.Node, required: dict) -> bool:
+        names = written_arguments(node)
+        if not names:
+            return True
+        arguments = OpView(node, self.layout_of).args
+        for name in names:
+            target = arguments[name]
+            if not is_tensor_node(target):
+                continue
+            value, wanted = self.values[target], required.get(name)
+            if isinstance(wanted, list) or wanted is ANY:
+                return False
+            own = (not value.native_sharded and wanted is None) or (
+                value.native_sharded and wanted is not None and value.layout == wanted)
+            if not own or not (target not in self.alias_parent or target in self.true_views):
+                return False
+        return True
+
+    def _write_into_full_tensor(self, node: fx.Node) -> None:
+        arguments = OpView(node, self.layout_of).args
+        written = [arguments[name] for name in written_arguments(node) if is_tensor_node(arguments[name])]
+        root = self.alias_root.get(written[0], written[0])
+        reason = f"{describe_node(node)} writes in place into it through a view the shards cannot follow"
+        self.need_full(root, reason)
+        for member in self.alias_members.get(root, [root]):
+            self.values[member] = _Planned()
+            self.true_views.add(member)
+        for producer in tensor_inputs(node):
+            self.need_full(producer, reason)
+        self._track_alias(node, read_native=True)
+        self.values[node] = _Planned()
+
+    def _after_write(self, node: fx.Node) -> None:
+        arguments = OpView(node, self.layout_of).args if isinstance(node.target, torch._ops.OpOverload) else {}
+        for name in written_arguments(node):
+            target = arguments.get(name)
+            if not is_tensor_node(target):
+                continue
+            root = self.alias_root.get(target, target)
+            members = self.alias_members.get(root, [root])
+            for member in members:
+                value = self.values.get(member)
+                if isinstance(value, _Planned):
+                    value.forget_copies()
+            for member in members:
+                if member in self.alias_parent and member not in self.true_views:
+                    self.values[member] = _Planned()
+
+    def _track_alias(self, node: fx.Node, read_native: bool) -> None:
+        if node.target is operator.getitem:
+            parent = node.args[0]
+            if parent in self.alias_root:
+                self._join(node, parent, parent not in self.alias_parent or parent in self.true_views)
+            return
+        target = node.target
+        if not isinstance(target, torch._ops.OpOverload) or not target._schema.returns:
+            return
+        if target._schema.returns[0].alias_info is None:
+            return
+        inputs = tensor_inputs(node)
+        if not inputs:
+            return
+        parent = inputs[0]
+        true = ((parent not in self.alias_parent or parent in self.true_views) and read_native
+                and (target.overloadpacket in DEFINITE_VIEWS or bool(written_arguments(node))))
+        self._join(node, parent, true)
+
+    def _join(self, node: fx.Node, parent: fx.Node, true: bool) -> None:
+        root = self.alias_root.get(parent, parent)
+        self.alias_root[node] = root
+        self.alias_parent[node] = parent
+        self.alias_members.setdefault(root, [root]).append(node)
+        if true:
+            self.true_views.add(node)
+
+    # Segments --------------------------------------------------------------------------------------
+    def better_source_segments(self) -> dict[fx.Node, tuple]:
+        return better_source_segments(self.resplits, self.layout_of, set(self.plan.cuts), self.source_segments)
+
+
+def better_source_segments(resplits, layout_of, cut_sources: set, segments: dict) -> dict[fx.Node, tuple]:
+    """For each re-split: the cut source whose cut, made with the needed segments instead, would have made
+    the re-split unnecessary. A source qualifies when the re-split value descends from it through ops that
+    kept the segments unchanged. Returns `segments` with those added (a source already there keeps its)."""
+    better = dict(segments)
+    for node, needed in resplits:
+        have = layout_of(node)
+        if have is None or not same_size(have.length, needed.length):
+            continue
+        frontier, seen = [node], set()
+        while frontier:
+            current = frontier.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            if current in cut_sources:
+                if current not in better:
+                    better[current] = needed.segments
+                continue
+            for producer in tensor_inputs(current):
+                layout = layout_of(producer)
+                if layout is not None and layout.same_split(have):
+                    frontier.append(producer)
+    return better
+
+
+# Ops whose result is a view of their input wherever they run, on a full tensor or a shard (the rules
+# rewrite `view` to `reshape`, which stays a view on shards cut by slicing along one dim).
+DEFINITE_VIEWS = {
+    aten.view, aten.select, aten.slice, aten.narrow, aten.transpose, aten.permute, aten.t, aten.unsqueeze,
+    aten.squeeze, aten.expand, aten.alias, aten.detach, aten.movedim, aten.diagonal, aten.unfold,
+    aten.view_as_real, aten.view_as_complex, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind,
+    aten.tensor_split, aten.swapaxes, aten.swapdims, aten.as_strided, aten.unflatten,
+}
+
+
+def written_arguments(node: fx.Node) -> list[str]:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return []
+    return [a.name for a in target._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+
+
+def is_tensor_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, torch.Tensor) for v in value)
