@@ -223,9 +223,9 @@ def _sharding_of(model, inputs, mesh: dict):
     return results
 
 
-@pytest.mark.parametrize("name", ["toy", "flux", "sd3", "wan_t2v", "hunyuan_video", "qwen_image", "lumina2",
-                                  "hidream"])
-@pytest.mark.parametrize("mesh", [{"ulysses": 2}, {"ring": 2}])
+@pytest.mark.parametrize("name, mesh", [(name, {"ulysses": 2}) for name in (
+    "toy", "flux", "sd3", "wan_t2v", "hunyuan_video", "qwen_image", "lumina2", "hidream")]
+    + [(name, {"ring": 2}) for name in ("toy", "flux", "lumina2", "hidream")])
 def test_the_rewrite_does_what_its_plan_says(fake_rank0, name, mesh):
     """The plan is made before the rewrite, from layouts alone; the rewrite then follows it: every node ends
     with the layout the plan gave it, every attention becomes what the plan says, the same values are

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from paracompile.passes.first_block_cache import CacheUnavailable, _dotted, find_block_region
+from paracompile.passes.block_loop import CacheUnavailable, dotted, find_block_region
 
 
 class BlocksUnavailable(Exception):
@@ -70,7 +70,7 @@ def split_by_block(gm: fx.GraphModule) -> BlockSplit:
         region = find_block_region(nodes, whole_loop=False)
     except CacheUnavailable as error:
         raise BlocksUnavailable(str(error)) from None
-    ranges = sorted(((first, last, f"{_dotted(block[0])}.{block[1]}")
+    ranges = sorted(((first, last, f"{dotted(block[0])}.{block[1]}")
                      for block, (first, last) in region.positions.items() if block in set(region.blocks)))
     # Part index of every position: blocks are their ranges, glue fills the gaps.
     bounds: list[tuple[int, int, str, bool]] = []

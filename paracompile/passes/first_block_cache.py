@@ -8,14 +8,14 @@ region added to it at the slot's last miss). The decision reads one scalar that 
 the same all-reduced sums, so all ranks take the same branch.
 
 How the graph is split (by position in the graph, which is execution order):
-- The block loop is the ModuleList(s) found in `nn_module_stack`: the outermost lists whose children hold
+- The block loop (block_loop.py) is the ModuleList(s) found in `nn_module_stack`: the outermost lists whose children hold
   attention. Lists at the same (smallest) depth that run one after another (FLUX's `transformer_blocks`
   then `single_transformer_blocks`) form one region. Block 0 is child 0 of the first list.
 - head: everything up to and including block 0's last node. rest: from there to the last node of the
   region's last block. tail: everything after.
 - A value the tail reads from the rest must be a stream end: a tensor that, followed back through residual
   additions (`x + f(x)`), casts, slices and concatenations, is exactly one value of the head (the stream's
-  value after block 0) with the same shape. Rest nodes the tail needs that do not depend on block work
+  value after block 0) with the same shape (residual_streams.py). Rest nodes the tail needs that do not depend on block work
   (sizes, tables computed from the inputs) move into the head; anything else disables the cache.
 - The hidden stream (the one whose token axis feeds the output) decides: r = (its value after block 0) -
   (block 0's input on that stream), computed in the head.
@@ -33,249 +33,23 @@ import operator
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from paracompile.cache import FirstBlockCache
 from paracompile.explain import describe_node
-from paracompile.meta import NN_MODULE_STACK
 from paracompile.options import Options
-from paracompile.passes.sharding_rules import is_attention_kernel, is_size_query, passes_residual_through
+from paracompile.passes.block_loop import BlockRegion, CacheUnavailable, block_of, dotted, find_block_region
+from paracompile.passes.residual_streams import is_tensor, known_equal, residual_sources, shape_text, val
+from paracompile.passes.sharding_rules import is_size_query
 from paracompile.passes.trace_to_aten import aten_graph_with_values
 from paracompile.runtime import model_state_positions, readable_input_name
 
 logger = logging.getLogger("paracompile")
 aten = torch.ops.aten
 HEAD, REST, TAIL = "head", "rest", "tail"
-
-_RESIDUAL_ADD = {aten.add.Tensor, aten.add_.Tensor}
-_RESIDUAL_SUB = {aten.sub.Tensor, aten.sub_.Tensor}
-
-
-class CacheUnavailable(Exception):
-    """The graph has no block loop this pass can cache; the message says why."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Module paths and blocks
-
-
-_PATH_TOKEN = re.compile(r"\['([^']*)'\]|\[(\d+)\]|([A-Za-z_][A-Za-z_0-9]*|\d+)")
-_PATH_NOISE = {"__dict__", "_modules"}
-
-
-def module_path(dynamo_path: str) -> tuple[str, ...]:
-    """`L['self'].__dict__['_modules']['blocks'].0` (or `L['self'].blocks[0]`) -> ('blocks', '0')."""
-    parts = [quoted or indexed or plain for quoted, indexed, plain in _PATH_TOKEN.findall(dynamo_path)]
-    if parts[:2] == ["L", "self"]:
-        parts = parts[2:]
-    return tuple(part for part in parts if part not in _PATH_NOISE)
-
-
-def block_of(node: fx.Node) -> Optional[tuple[tuple[str, ...], int]]:
-    """(list path, child index) of the outermost list child this node runs in, or None."""
-    stack = node.meta.get(NN_MODULE_STACK)
-    if not stack:
-        return None
-    for path, _ in stack.values():
-        parts = module_path(path)
-        if parts and parts[-1].isdigit():
-            return parts[:-1], int(parts[-1])
-    return None
-
-
-def _dotted(parts: tuple[str, ...]) -> str:
-    return ".".join(parts) or "<root>"
-
-
-@dataclass
-class BlockRegion:
-    lists: list[tuple[str, ...]]  # in execution order
-    blocks: list[tuple[tuple[str, ...], int]]  # every block of the region, block 0 first
-    positions: dict  # block -> (first position, last position)
-
-    @property
-    def first_block(self):
-        return self.blocks[0]
-
-    def describe_lists(self) -> str:
-        counts = {path: sum(1 for list_path, _ in self.blocks if list_path == path) for path in self.lists}
-        return ", ".join(f"{_dotted(path)} ({count} block{'s' if count != 1 else ''})" for path, count in counts.items())
-
-
-def find_block_region(nodes: list[fx.Node], whole_loop: bool = True) -> BlockRegion:
-    """The outermost ModuleList(s) whose children hold attention and run one after another. `whole_loop`:
-    the graph must run every child from 0 (the cache skips them all); without it, any run of children
-    will do (a part of First Block Cache's split holds children 1..n)."""
-    positions: dict = {}
-    for position, node in enumerate(nodes):
-        block = block_of(node) if node.op == "call_function" else None
-        if block is not None:
-            first, _ = positions.get(block, (position, position))
-            positions[block] = (first, position)
-    # By position, not by module stack: nodes the sharding passes create (ring attention's kernels, a
-    # replicated fallback) have no stack, but run between their block's first and last node.
-    attention = [position for position, node in enumerate(nodes) if is_attention_kernel(node.target)]
-    with_attention = {block[0] for block, (first, last) in positions.items()
-                      if any(first <= position <= last for position in attention)}
-    if not with_attention:
-        raise CacheUnavailable("no ModuleList in the graph has children that run attention (no block loop)")
-    depth = min(len(path) for path in with_attention)
-    lists = sorted((path for path in with_attention if len(path) == depth),
-                   key=lambda path: min(positions[b][0] for b in positions if b[0] == path))
-    blocks = []
-    for path in lists:
-        indices = sorted(index for list_path, index in positions if list_path == path)
-        if whole_loop and indices != list(range(len(indices))):
-            raise CacheUnavailable(
-                f"{_dotted(path)} runs children {indices} in this graph, not 0..n-1: the graph holds only part of "
-                "the block loop (a graph break inside it?)")
-        blocks += [(path, index) for index in indices]
-    for previous, block in zip(blocks, blocks[1:]):
-        if positions[previous][1] >= positions[block][0]:
-            raise CacheUnavailable(
-                f"blocks {_dotted(previous[0])}.{previous[1]} and {_dotted(block[0])}.{block[1]} interleave: "
-                "the block loop's children do not run one after another")
-    if len(blocks) < 2:
-        raise CacheUnavailable(f"the block loop {_dotted(lists[0])} has a single block: nothing to skip")
-    return BlockRegion(lists, blocks, positions)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Shapes
-
-
-def _val(node: Any):
-    return node.meta.get("val") if isinstance(node, fx.Node) else node
-
-
-def _is_tensor(node: Any) -> bool:
-    return isinstance(_val(node), torch.Tensor)
-
-
-def _known_equal(a, b) -> bool:
-    return statically_known_true(a == b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else a == b
-
-
-def _known_less_equal(a, b) -> bool:
-    return statically_known_true(a <= b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else a <= b
-
-
-def _same_shape(a: fx.Node, b: fx.Node) -> bool:
-    first, second = _val(a), _val(b)
-    return (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor) and first.dtype == second.dtype
-            and first.dim() == second.dim() and all(_known_equal(x, y) for x, y in zip(first.shape, second.shape)))
-
-
-def _shape_text(node: fx.Node) -> str:
-    value = _val(node)
-    return str(tuple(int(s) if isinstance(s, int) else str(s) for s in value.shape)) if isinstance(value, torch.Tensor) else "?"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Following a residual stream back
-
-
-@dataclass(frozen=True, eq=False)
-class _Window:
-    """The part [start, end) along `dim` of a tensor that the value being followed came from."""
-
-    dim: int
-    start: Any
-    end: Any
-
-
-def residual_sources(node: fx.Node, stop: Callable[[fx.Node], bool]) -> list[tuple[fx.Node, bool]]:
-    """Where the value `node` carries along its residual path comes from: walking back through residual
-    additions (both same-shape operands of `add`, the first of `sub`), casts and views that keep the
-    shape, and slices and concatenations (tracking which part of a concatenation a slice takes), up to the
-    first nodes for which `stop` holds. Returns (source, passed an addition) for every source reached whole,
-    with the same shape as `node`."""
-    found: list[tuple[fx.Node, bool]] = []
-    seen: set = set()
-    frontier: list[tuple[fx.Node, Optional[_Window], bool]] = [(node, None, False)]
-    while frontier:
-        current, window, added = frontier.pop()
-        # SymInt bounds are not hashable; their printed expressions identify them.
-        key = (current, None if window is None else (window.dim, str(window.start), str(window.end)), added)
-        if key in seen or not isinstance(current, fx.Node):
-            continue
-        seen.add(key)
-        if current is not node and stop(current):
-            if window is None and _same_shape(current, node) and all(s is not current for s, _ in found):
-                found.append((current, added))
-            continue
-        if current.op != "call_function" or not _is_tensor(current):
-            continue
-        target, args = current.target, current.args
-        if target in _RESIDUAL_ADD or target in _RESIDUAL_SUB:
-            operands = args[:2] if target in _RESIDUAL_ADD else args[:1]
-            for operand in operands:
-                if isinstance(operand, fx.Node) and _is_tensor(operand) and _same_shape_any_dtype(operand, current):
-                    frontier.append((operand, window, True))
-        elif passes_residual_through(target):
-            source = args[0]
-            if isinstance(source, fx.Node) and _is_tensor(source) and _same_shape_any_dtype(source, current):
-                frontier.append((source, window, added))
-        elif target is aten.slice.Tensor:
-            frontier.extend(_through_slice(current, window, added))
-        elif target is aten.cat.default:
-            frontier.extend(_through_cat(current, window, added))
-    return found
-
-
-def _same_shape_any_dtype(a: fx.Node, b: fx.Node) -> bool:
-    first, second = _val(a), _val(b)
-    return first.dim() == second.dim() and all(_known_equal(x, y) for x, y in zip(first.shape, second.shape))
-
-
-def _normalized_dim(dim: int, ndim: int) -> int:
-    return dim + ndim if dim < 0 else dim
-
-
-def _through_slice(node: fx.Node, window: Optional[_Window], added: bool):
-    source = node.args[0]
-    ndim = _val(source).dim()
-    dim = _normalized_dim(node.args[1] if len(node.args) > 1 else 0, ndim)
-    start = _val(node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
-    end = _val(node.args[3]) if len(node.args) > 3 and node.args[3] is not None else None
-    step = node.args[4] if len(node.args) > 4 else 1
-    size = _val(source).shape[dim]
-    if step != 1 or not isinstance(start, (int, torch.SymInt)):
-        return []
-    if end is None or (isinstance(end, int) and end >= 2 ** 62):
-        end = size
-    # Negative bounds count from the end (`x[:, :-text_length]`, HunyuanVideo's single blocks).
-    start = start + size if _known_less_equal(start + 1, 0) else start
-    end = end + size if _known_less_equal(end + 1, 0) else end
-    if window is not None and window.dim != dim:
-        return []  # a slice of a slice along another dim: not a residual stream
-    if window is not None:
-        start, end = start + window.start, start + window.end
-    whole = _known_equal(start, 0) and _known_equal(end, size)
-    return [(source, None if whole else _Window(dim, start, end), added)]
-
-
-def _through_cat(node: fx.Node, window: Optional[_Window], added: bool):
-    pieces = node.args[0]
-    ndim = _val(node).dim()
-    dim = _normalized_dim(node.args[1] if len(node.args) > 1 else 0, ndim)
-    if window is None or window.dim != dim:
-        return []  # a stream is one piece of a concatenation, never all of it
-    followed, offset = [], 0
-    for piece in pieces:
-        length = _val(piece).shape[dim]
-        piece_end = offset + length
-        disjoint = _known_less_equal(piece_end, window.start) or _known_less_equal(window.end, offset)
-        if not disjoint and not _known_equal(length, 0):
-            whole = _known_equal(window.start, offset) and _known_equal(window.end, piece_end)
-            inner = None if whole else _Window(dim, window.start - offset, window.end - offset)
-            followed.append((piece, inner, added))
-        offset = piece_end
-    return followed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -310,7 +84,7 @@ class CachePlan:
 
 def _where(node: fx.Node) -> str:
     block = block_of(node)
-    place = f"{_dotted(block[0])}.{block[1]}" if block else "-"
+    place = f"{dotted(block[0])}.{block[1]}" if block else "-"
     return f"{getattr(node.target, '__name__', node.target)}@{place}"
 
 
@@ -331,7 +105,7 @@ def _member_of(block) -> Callable[[fx.Node], bool]:
 def _is_size_node(node: fx.Node) -> bool:
     """Pure size arithmetic on graph inputs (sym_size of an input, sums of sizes): cheap, so every part that
     needs it recomputes it rather than receiving it from another part."""
-    value = _val(node)
+    value = val(node)
     if node.op != "call_function" or value is None or isinstance(value, (torch.Tensor, list, tuple)):
         return False
     if isinstance(node.target, torch._ops.OpOverload) and not is_size_query(node.target):
@@ -389,9 +163,9 @@ def plan_cache(gm: fx.GraphModule, timestep_arg: str) -> CachePlan:
     for node in needed:
         if node in independent:
             _move_to_head(node, part, moved)
-        elif _is_tensor(node):
+        elif is_tensor(node):
             ends.append(node)
-        elif isinstance(_val(node), (int, torch.SymInt)):
+        elif isinstance(val(node), (int, torch.SymInt)):
             size_substitutes[node] = _equivalent_size(node, nodes, part)
         else:
             raise CacheUnavailable(f"the code after the block loop reads {describe_node(node)}, a non-tensor "
@@ -424,7 +198,7 @@ def plan_cache(gm: fx.GraphModule, timestep_arg: str) -> CachePlan:
 
     carried = []
     for node in nodes:
-        if part.get(node) == HEAD and in_block0(node) and _is_tensor(node) and \
+        if part.get(node) == HEAD and in_block0(node) and is_tensor(node) and \
                 any(part.get(user) == REST for user in node.users) and \
                 any(added for _, added in residual_sources(node, stop=lambda n: not in_block0(n))):
             carried.append(node)
@@ -457,13 +231,13 @@ def _move_to_head(node: fx.Node, part: dict, moved: list) -> None:
 
 def _equivalent_size(node: fx.Node, nodes: list[fx.Node], part: dict):
     """A size computed inside the loop that the tail reads: a constant, or an equal size outside the loop."""
-    value = _val(node)
+    value = val(node)
     if isinstance(value, int):
         return value
     for candidate in nodes:
         if candidate.op == "placeholder" or part.get(candidate) == HEAD:
-            other = _val(candidate)
-            if isinstance(other, torch.SymInt) and _known_equal(other, value):
+            other = val(candidate)
+            if isinstance(other, torch.SymInt) and known_equal(other, value):
                 return candidate
     raise CacheUnavailable(f"the code after the block loop reads the size {describe_node(node)} ({value}), "
                            "computed inside the loop, and no equal size exists outside it")
@@ -476,7 +250,7 @@ def _hidden_stream(streams: list[Stream]) -> int:
         return 0
 
     def size(stream):
-        numel = _val(stream.end).numel()
+        numel = val(stream.end).numel()
         return int(numel.node.hint) if isinstance(numel, torch.SymInt) and numel.node.hint is not None else int(numel)
 
     return max(range(len(streams)), key=lambda index: size(streams[index]))
@@ -505,7 +279,7 @@ def _find_timestep(nodes: list[fx.Node], name: Optional[str]) -> tuple[Optional[
     pattern = re.compile(rf"^L_(?:kwargs_)?{re.escape(name)}_$")
     placeholders = [node for node in nodes if node.op == "placeholder"]
     for index, node in enumerate(placeholders):
-        if pattern.match(str(node.target)) and (_is_tensor(node) or isinstance(_val(node), torch.SymInt)):
+        if pattern.match(str(node.target)) and (is_tensor(node) or isinstance(val(node), torch.SymInt)):
             return index, str(node.target)
     return None, None
 
@@ -586,15 +360,15 @@ def split_graph(gm: fx.GraphModule, plan: CachePlan) -> SplitGraph:
     for part in (head, rest, tail):
         part.graph.lint()
     index = {node: i + 1 for i, node in enumerate(head_outputs)}  # +1: r comes first
-    originals = [_val(p) for p in placeholders]
+    originals = [val(p) for p in placeholders]
     return SplitGraph(
         fx.GraphModule(gm, head.graph), fx.GraphModule(gm, rest.graph), fx.GraphModule(gm, tail.graph), len(streams),
         head_to_rest=[index[n] for n in rest_extra],
         head_to_tail=[index[n] for n in tail_reads],
         example_values={
             HEAD: originals,
-            REST: originals + [_val(n) for n in rest_extra],
-            TAIL: originals + [_val(n) for n in tail_reads] + [_val(s.end) for s in streams],
+            REST: originals + [val(n) for n in rest_extra],
+            TAIL: originals + [val(n) for n in tail_reads] + [val(s.end) for s in streams],
         },
     )
 
@@ -641,17 +415,17 @@ def describe_plan(plan: CachePlan, options: Options) -> list[str]:
     block0 = region.first_block
     last = region.blocks[-1]
     lines.append(f"  block loop: {region.describe_lists()}")
-    lines.append(f"  first block (always runs): {_dotted(block0[0])}.{block0[1]}")
+    lines.append(f"  first block (always runs): {dotted(block0[0])}.{block0[1]}")
     second = region.blocks[1]
     skipped = len(region.blocks) - 1
-    lines.append(f"  cached region: {_dotted(second[0])}.{second[1]} .. {_dotted(last[0])}.{last[1]} "
+    lines.append(f"  cached region: {dotted(second[0])}.{second[1]} .. {dotted(last[0])}.{last[1]} "
                  f"({skipped} block{'s' if skipped != 1 else ''}, skipped on a hit)")
     cached_starts = {s.start for s in plan.streams}
     lines.append(f"  streams: {len(plan.streams)} cached")
     for index, stream in enumerate(plan.streams):
         role = "hidden, decides" if index == plan.hidden else "cached"
         lines.append(f"    - {describe_node(stream.start)} -> {describe_node(stream.end)}, local shape "
-                     f"{_shape_text(stream.end)} ({role})")
+                     f"{shape_text(stream.end)} ({role})")
     unused = [node for node in plan.carried if node not in cached_starts]
     for node in unused:
         lines.append(f"    - {describe_node(node)}: carried by the blocks, unused after the loop (nothing to cache)")
