@@ -75,6 +75,7 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
         sharded = shard_batch(sharded, plan.batch, batch_report)
         report.slices += [f"batch: {line}" for line in batch_report.slices]
         report.gathers += [f"batch: {line}" for line in batch_report.gathers]
+        report.reductions += [f"batch: {line}" for line in batch_report.reductions]
     if plan.sequence is not None:
         strategy = SequenceAttention(plan, ulysses_chunks=parsed.ulysses_chunks)
         sharded = shard_tokens(sharded, plan.sequence, report, strategy, mesh=plan)

@@ -191,6 +191,12 @@ def gather(builder: GraphBuilder, tensor: fx.Node, ndim: int, layout: TokenLayou
     return builder.call(aten.movedim.int, ordered, 0, layout.dim) if layout.dim != 0 else ordered
 
 
+def all_reduce_sum(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo) -> fx.Node:
+    """Every rank's partial sum -> the full sum on every rank (one all-reduce)."""
+    reduced = builder.call(functional.all_reduce.default, tensor, "sum", group.group_name)
+    return builder.call(functional.wait_tensor.default, reduced)
+
+
 def physical_order(shape, strides) -> list[int]:
     """The dims from outermost to innermost in memory (stride descending), size-1 dims left out: their stride
     says nothing about the layout. Symbolic sizes compare by their hints (this only decides a layout)."""

@@ -37,12 +37,14 @@ class Report:
     attention: list[str] = field(default_factory=list)
     slices: list[str] = field(default_factory=list)
     gathers: list[str] = field(default_factory=list)
+    reductions: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def format(self) -> str:
         lines = [f"paracompile: {self.world}"]
         sections = [("attention", self.attention), ("sliced to token shards (no communication)", self.slices),
-                    ("gathered to full tensors", self.gathers), ("notes", self.notes)]
+                    ("gathered to full tensors", self.gathers),
+                    ("summed over ranks (a partial sum each, all-reduced)", self.reductions), ("notes", self.notes)]
         for title, items in sections:
             lines.append(f"  {title}: {len(items) if items else 'none'}")
             lines.extend(f"    - {item}" for item in items)
@@ -72,7 +74,7 @@ def describe_added_ops(original: fx.Graph, rewritten: fx.Graph) -> str:
 
     before, after = counts(original), counts(rewritten)
     added = {name: after[name] - before[name] for name in after if after[name] > before[name]}
-    collectives = {n: c for n, c in added.items() if n in ("all_to_all_single", "all_gather_into_tensor", "wait_tensor")}
+    collectives = {n: c for n, c in added.items() if n in ("all_to_all_single", "all_gather_into_tensor", "all_reduce", "wait_tensor")}
     layout = {n: c for n, c in added.items() if n not in collectives}
     def listing(items):
         return ", ".join(f"{name} {count}" for name, count in sorted(items.items(), key=lambda i: (-i[1], i[0])))

@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import assert_ranks_match, run_compiled_vs_eager, without_callables
 from tests.multiprocess import run_on_ranks
+from tests.test_diffusers_models import ATTENTION_OUTSIDE_GRAPH, LINEAR_SELF_ATTENTION, PARTIAL_SUM
 from tests.toy_dit import ToyDiT, toy_inputs
 
 pytestmark = pytest.mark.slow  # every test here spawns process groups
@@ -35,11 +36,10 @@ TOY_SCENARIOS = {
 # name -> (world size, mesh, models, batch)
 MODEL_SCENARIOS = {
     "ring2": (2, {"ring": 2}, ["flux", "sd3", "wan_t2v", "wan_i2v", "hunyuan_video", "cogvideox", "mochi",
-                               "ltx_video", "qwen_image", "pixart", "hidream", "lumina2"], 1),
+                               "ltx_video", "qwen_image", "pixart", "hidream", "lumina2", "sana"], 1),
     "ulysses2_ring2": (4, {"ulysses": 2, "ring": 2}, ["flux", "wan_i2v", "hunyuan_video", "qwen_image"], 1),
     "batch2_ring2": (4, {"batch": 2, "ring": 2}, ["flux", "ltx_video"], 2),
 }
-ATTENTION_OUTSIDE_GRAPH = {"mochi"}  # see test_diffusers_models.py
 
 
 def _mesh(mesh, world_size):
@@ -172,8 +172,9 @@ def test_diffusers_model(results, world_size, scenario, model):
     assert_ranks_match(ranks, f"{model} {scenario}")
     if model in ATTENTION_OUTSIDE_GRAPH:
         return
+    expected = PARTIAL_SUM if model in LINEAR_SELF_ATTENTION else "ring over 2 ranks"
     for result in ranks:
-        assert any("ring over 2 ranks" in text for text in result["explanations"]), result["explanations"]
+        assert any(expected in text for text in result["explanations"]), result["explanations"]
 
 
 # ----------------------------------------------------------------------------------------------

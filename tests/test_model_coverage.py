@@ -21,6 +21,7 @@ TESTED = {
     "PixArtTransformer2DModel": ["pixart"],
     "HiDreamImageTransformer2DModel": ["hidream"],
     "Lumina2Transformer2DModel": ["lumina2"],
+    "SanaTransformer2DModel": ["sana"],
 }
 
 NO_TINY_CONFIG_YET = "no tiny config in the suite yet (issue 14)"
@@ -29,10 +30,9 @@ SURVEYED = ("ran sharded and matched eager on Ulysses 2 and Ring 2 in issue 14's
 # class -> why the suite does not run it (yet), with what is known
 NOT_IN_SUITE = {
     "SanaVideoTransformer3DModel": "matches eager on Ulysses 2 and Ring 2 (checked by hand on 2026-11-28 with "
-                                   "diffusers' own test config, even and uneven sizes), but only partly parallel: its "
-                                   "self-attention is linear attention (no scaled_dot_product_attention), whose sums "
-                                   "over tokens gather; partial sums and an all-reduce would keep it sharded (issue "
-                                   "14). " + NO_TINY_CONFIG_YET,
+                                   "diffusers' own test config, even and uneven sizes), and its linear attention's sums over tokens "
+                                   "are partial sums, all-reduced, as Sana's (the suite runs Sana); "
+                                   + NO_TINY_CONFIG_YET,
     "Flux2Transformer2DModel": SURVEYED + "; one process aborted at exit twice in 60 runs",
     "ConsisIDTransformer3DModel": SURVEYED + "; one process aborted at exit twice in 60 runs",
     "LatteTransformer3DModel": SURVEYED + "; it pays an all-gather at each spatial/temporal switch",
@@ -56,7 +56,7 @@ for _name in [
     "Kandinsky6Transformer3DModel", "Krea2Transformer2DModel", "LTX2VideoTransformer3DModel",
     "LongCatImageTransformer2DModel", "MiniMaxH3Transformer3DModel", "MotifVideoTransformer3DModel",
     "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel", "OvisImageTransformer2DModel",
-    "PRXTransformer2DModel", "QwenImage21Transformer2DModel", "SanaTransformer2DModel",
+    "PRXTransformer2DModel", "QwenImage21Transformer2DModel",
     "SanaWMLTX2RefinerTransformer3DModel", "SanaWMTransformer3DModel", "SkyReelsV2Transformer3DModel",
     "WanAnimate2Transformer3DModel", "WanAnimateTransformer3DModel", "WanVACETransformer3DModel",
     "ZImageTransformer2DModel",

@@ -29,6 +29,9 @@ PLANS = {
     "wan_t2v": (4, 1),
     "hunyuan_video": (4, 3),
     "qwen_image": (2, 1),
+    # Linear self-attention: its token contractions are partial sums (all-reduced); each block's
+    # convolution over the image (an unflatten of the tokens) and the output gather.
+    "sana": (2, 3),
 }
 
 

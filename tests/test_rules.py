@@ -144,7 +144,9 @@ def test_op_facts(op, fact, expected):
 
 def test_why_an_op_runs_replicated():
     assert sharding_rules.why_not_local(aten.conv2d.default) == "a convolution mixes neighbouring tokens"
-    assert sharding_rules.why_not_local(aten.mm.default) == "it contracts over the token axis, or both operands are sharded"
+    assert sharding_rules.why_not_local(aten.mm.default) == (
+        "it contracts over the token axis of one operand only, or both operands are sharded along dims it does "
+        "not contract")
     assert sharding_rules.why_not_local(aten.sort.default) is None  # unknown to the registry
     assert sharding_rules.why_not_local("not an op") is None
 
@@ -222,3 +224,28 @@ def test_auto_takes_the_largest_ulysses_degree_that_divides_every_head_count(fak
     fake_world(0, 4)
     plan = resolve_auto(resolve_mesh("auto"), heads)
     assert tuple(plan.degrees[name] for name in ("batch", "ring", "ulysses")) == expected
+
+
+def test_a_contraction_over_tokens_split_alike_is_a_partial_sum():
+    """Linear attention's V K: both operands split along the contracted token axis, with the same segments,
+    multiply locally into a partial sum (all-reduced by the rewriter); split differently, or only one of
+    them, the rule declines (the pass gathers)."""
+    node, _ = _node(lambda v, k: torch.matmul(v, k), torch.randn(1, 2, 5, 10), torch.randn(1, 2, 10, 4),
+                    target=aten.matmul.default)
+    sharding = _apply(node, {"v_1": TokenLayout(3, (10,)), "k_1": TokenLayout(2, (10,))})
+    assert sharding.partial_sum and sharding.output is None
+    assert sharding.inputs == {"self": TokenLayout(3, (10,)), "other": TokenLayout(2, (10,))}
+    assert _apply(node, {"v_1": TokenLayout(3, (4, 6)), "k_1": TokenLayout(2, (10,))}) is None
+    assert _apply(node, {"v_1": TokenLayout(3, (10,))}) is None
+    bmm, _ = _node(lambda v, k: torch.bmm(v, k), torch.randn(2, 5, 10), torch.randn(2, 10, 4), target=aten.bmm.default)
+    assert _apply(bmm, {"v_1": TokenLayout(2, (10,)), "k_1": TokenLayout(1, (10,))}).partial_sum
+
+
+def test_pad_keeps_the_token_axis_unless_it_pads_it():
+    other_dim, _ = _node(lambda x: torch.nn.functional.pad(x, (0, 0, 0, 1), value=1.0), torch.randn(1, 2, 5, 10),
+                         target=aten.pad.default)
+    assert _apply(other_dim, {"x_1": TokenLayout(3, (10,))}).output == TokenLayout(3, (10,))
+    tokens, _ = _node(lambda x: torch.nn.functional.pad(x, (0, 2)), torch.randn(1, 2, 5, 10), target=aten.pad.default)
+    assert _apply(tokens, {"x_1": TokenLayout(3, (10,))}) is None
+    assert _apply(tokens, {"x_1": TokenLayout(2, (5,))}).output == TokenLayout(2, (5,))
+

@@ -546,6 +546,43 @@ def _pixart_inputs(seed=0, size="default", batch=1):
 
 
 # ---------------------------------------------------------------------------------------------
+# Sana: SanaPipeline.__call__ (Gemma hidden states with their mask; float timesteps scaled by the config's
+# timestep_scale). Its self-attention is linear attention (matmuls that contract over the tokens), its
+# feed-forward a depthwise convolution over the image (GLUMBConv); only its cross-attention is SDPA.
+# ---------------------------------------------------------------------------------------------
+
+
+def _sana_build():
+    from diffusers import SanaTransformer2DModel
+
+    return _build(
+        SanaTransformer2DModel,
+        patch_size=1,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=2,
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        num_cross_attention_heads=HEADS,
+        cross_attention_head_dim=HEAD_DIM,
+        cross_attention_dim=INNER_DIM,
+        caption_channels=TEXT_DIM,
+        sample_size=16,
+    )
+
+
+def _sana_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    return dict(
+        hidden_states=_randn(g, batch, LATENT_CHANNELS, s.height, s.width),
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        encoder_attention_mask=_text_mask(batch, s.text, torch.long),  # Gemma tokenizer mask
+        timestep=_timestep(g, batch),  # flow matching: float timesteps (timestep_scale 1.0)
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # HiDream-I1: HiDreamImagePipeline.__call__ (T5 and Llama 3 hidden states; its rotary table arrives as one
 # input over image and text tokens, and its mixture-of-experts routing breaks Dynamo's graph)
 # ---------------------------------------------------------------------------------------------
@@ -650,5 +687,6 @@ CASES: dict[str, TinyCase] = {
         _case("pixart", _pixart_build, _pixart_inputs),
         _case("hidream", _hidream_build, _hidream_inputs),
         _case("lumina2", _lumina2_build, _lumina2_inputs),
+        _case("sana", _sana_build, _sana_inputs),
     ]
 }

@@ -304,6 +304,10 @@ class TokenShardingRewriter:
             target = args.pop("__target__", target)
         new = self.emit(target, args)
         copy_origin(new, node)
+        if sharding.partial_sum:
+            new = collectives.all_reduce_sum(self.builder, new, self.group)
+            self.report.reductions.append(f"{describe_node(node)}: contracts over the token axis; each rank's "
+                                          f"partial sum all-reduced to {_shape_text(node)}")
         self._after_write(node)
         self._track_alias(node, new)
         if sharding.output is None:
@@ -509,3 +513,7 @@ def shard_tokens(gm: fx.GraphModule, group: ProcessGroupInfo, report: Report, at
                             + ", ".join(f"{node.name} with segments {[str(s) for s in segments]}"
                                         for node, segments in missed.items()))
     return result
+
+
+def _shape_text(node: fx.Node) -> str:
+    return "[" + ", ".join(str(size) for size in node.meta["val"].shape) + "]"

@@ -43,6 +43,9 @@ class Sharding:
     output: Any
     inputs: dict[str, Any] = field(default_factory=dict)
     patch: Optional[Callable] = None
+    # The op contracts over the token axis of inputs split alike: each rank's result is its shards' share
+    # of a sum, and the rewriter all-reduces it into the full (replicated) result. `output` is then None.
+    partial_sum: bool = False
 
 
 def gather_to_change(node: fx.Node, layout: TokenLayout, have: Layout) -> int:
@@ -370,7 +373,21 @@ def reduction(view: OpView) -> Optional[Sharding]:
     return Sharding(output, {"self": layout})
 
 
-@rule(aten.matmul, declines_when="it contracts over the token axis, or both operands are sharded")
+_CONTRACTION = ("it contracts over the token axis of one operand only, or both operands are sharded along "
+                "dims it does not contract")
+
+
+def contraction_over_tokens(left: Layout, right: Layout, left_ndim: int, right_ndim: int, names) -> Optional[Sharding]:
+    """A matrix product that contracts over the token axis of both operands, split alike (linear attention's
+    K^T V): each rank multiplies its shards, a partial sum of the full product, which one all-reduce of the
+    small result completes (no gather of the sequence)."""
+    if (left is not None and right is not None and left_ndim >= 2 and right_ndim >= 2
+            and left.dim == left_ndim - 1 and right.dim == right_ndim - 2 and left.same_split(right)):
+        return Sharding(None, {names[0]: left, names[1]: right}, partial_sum=True)
+    return None
+
+
+@rule(aten.matmul, declines_when=_CONTRACTION)
 def matmul(view: OpView) -> Optional[Sharding]:
     left, right = view.layout("self"), view.layout("other")
     left_ndim, right_ndim = len(view.shape(view["self"])), len(view.shape(view["other"]))
@@ -379,10 +396,10 @@ def matmul(view: OpView) -> Optional[Sharding]:
         return Sharding(left.at_dim(left.dim + out_ndim - left_ndim), {"self": left})
     if right is not None and left is None and right_ndim >= 2 and right.dim == right_ndim - 1:
         return Sharding(right.at_dim(out_ndim - 1), {"other": right})
-    return None
+    return contraction_over_tokens(left, right, left_ndim, right_ndim, ("self", "other"))
 
 
-@rule(aten.mm, aten.bmm, declines_when="it contracts over the token axis, or both operands are sharded")
+@rule(aten.mm, aten.bmm, declines_when=_CONTRACTION)
 def matrix_product(view: OpView) -> Optional[Sharding]:
     left, right = view.layout("self"), view.layout("mat2")
     ndim = len(view.out_shape)
@@ -390,7 +407,20 @@ def matrix_product(view: OpView) -> Optional[Sharding]:
         return Sharding(left, {"self": left})
     if right is not None and left is None and right.dim == ndim - 1:
         return Sharding(right, {"mat2": right})
-    return None
+    return contraction_over_tokens(left, right, ndim, ndim, ("self", "mat2"))
+
+
+@rule(aten.pad, aten.constant_pad_nd, declines_when="it pads the token axis")
+def pad(view: OpView) -> Optional[Sharding]:
+    """Padding of other dims keeps the token axis whole; `pad` lists (before, after) pairs from the last dim."""
+    layout = view.layout("self")
+    if layout is None:
+        return None
+    ndim, amounts = len(view.shape(view["self"])), list(view["pad"])
+    pair = ndim - 1 - layout.dim
+    if 2 * pair + 1 < len(amounts) and not (same_size(amounts[2 * pair], 0) and same_size(amounts[2 * pair + 1], 0)):
+        return None
+    return Sharding(layout, {"self": layout})
 
 
 @rule(aten.addmm, declines_when="it contracts over the token axis")
