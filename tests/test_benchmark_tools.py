@@ -43,3 +43,29 @@ def test_stall_watchdog_prints_the_stacks_once_no_call_began_for_its_time(capsys
     printed = capsys.readouterr().out
     assert "rank 3: no progress for" in printed and "last: pc_ulysses" in printed
     assert "thread MainThread:" in printed and "test_stall_watchdog" in printed
+
+
+def test_compile_time_warm_table_and_cache_contents(tmp_path):
+    import argparse
+    import json
+
+    import compile_time
+
+    cache = tmp_path / "cache"
+    (cache / "triton" / "0").mkdir(parents=True)
+    (cache / "fxgraph.bin").write_bytes(b"x" * 2048)
+    (cache / "triton" / "0" / "kernel.cubin").write_bytes(b"y" * 1024)
+    contents = compile_time.cache_contents(str(cache))
+    assert (contents["files"], contents["triton_files"]) == (2, 1)
+
+    caches = dict(inductor_hit=0, inductor_miss=3, inductor_bypass=0)
+    result = dict(variant="blocks", first_call_s=40.0, step_ms=75.0, tag="flux", description="FLUX", torch="t",
+                  device="d", process_s=60.0, dynamo_graphs=dict(after_first_call=1, after_steps=1), caches=caches,
+                  cache_after_cold=contents, warm_first_call_s=9.5, warm_step_ms=74.0, warm_process_s=25.0,
+                  warm_dynamo_graphs=dict(after_first_call=1, after_steps=1),
+                  warm_caches=dict(inductor_hit=3, inductor_miss=0, inductor_bypass=0))
+    args = argparse.Namespace(out=str(tmp_path), fake_world=2, warm=True, steps=5)
+    compile_time.write_results(args, [result])
+    assert json.loads((tmp_path / "compile_time_flux_fake2_warm.json").read_text())["results"][0]["warm_first_call_s"] == 9.5
+    table = (tmp_path / "compile_time_flux_fake2_warm.md").read_text()
+    assert "| blocks | 40.0 | 9.5 | 75.0 / 74.0 | - | 2, 0.0 (1, 0.0) | 0/3/0 / 3/0/0 | 1, 1 / 1, 1 | 60.0 / 25.0 |" in table
