@@ -15,6 +15,7 @@ Workloads, random weights and inputs are benchmarks/compare.py's (FLUX.1-dev at 
 | pc_u2r2 | paracompile with {"ulysses": 2, "ring": world / 2} |
 | ..._c2, ..._c4 | the same with `ulysses_chunks` 2 or 4 (each chunk's exchange overlaps another's attention) |
 | ..._graphs | the same with `cuda_graphs=True` (paracompile/cuda_graphs.py) |
+| ..._blocks | the same with `compile_blocks=True` (each distinct block compiled once) |
 | ..._noreorder, ..._ovs | the same without the compute/communication reordering paracompile turns on for Ulysses / with Inductor's overlap scheduler instead |
 | ..._reorder | the same with the reordering passes named explicitly (paracompile's default for Ulysses since 2026-11-28) |
 | diffusers_ulysses, diffusers_ring | diffusers' native context parallelism over all ranks, then `torch.compile` (its own model copy) |
@@ -72,11 +73,11 @@ def check_setup_name(name: str) -> None:
     parts = name.split("_")
     known = (name in ("eager1", "inductor1") or name in PEERS
              or (parts[0] == "pc" and len(parts) >= 2 and parts[1] in ("ulysses", "ring", "u2r2")
-                 and all(p == "graphs" or p in INDUCTOR_VARIANTS or (p[0] == "c" and p[1:].isdigit())
+                 and all(p in ("graphs", "blocks") or p in INDUCTOR_VARIANTS or (p[0] == "c" and p[1:].isdigit())
                          for p in parts[2:])))
     if not known:
         raise SystemExit(f"rounds.py: unknown setup {name!r}; setups are eager1, inductor1, {', '.join(PEERS)}, and "
-                         "pc_ulysses / pc_ring / pc_u2r2 with suffixes _graphs, _c<N>, "
+                         "pc_ulysses / pc_ring / pc_u2r2 with suffixes _graphs, _blocks, _c<N>, "
                          + ", ".join(f"_{v}" for v in INDUCTOR_VARIANTS))
 
 
@@ -115,6 +116,8 @@ def make_setup(name: str, model_for, world: int, args, device):
         mesh = {"ulysses": {"ulysses": world}, "ring": {"ring": world},
                 "u2r2": {"ulysses": 2, "ring": world // 2}}[kind]
         options = {"mesh": mesh, "cuda_graphs": graphs, "ulysses_chunks": chunks}
+        if "blocks" in parts:
+            options["compile_blocks"] = True
         for part in parts:
             if part in INDUCTOR_VARIANTS:
                 options.setdefault("inductor", {}).update(INDUCTOR_VARIANTS[part])
