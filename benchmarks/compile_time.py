@@ -43,7 +43,7 @@ def child(args) -> None:
     import torch
 
     sys.path.insert(0, HERE)
-    from compare import build_inputs, build_model, workload_spec
+    from compare import build_inputs, build_model, init_fake_world, output_finite, workload_spec
 
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -55,10 +55,7 @@ def child(args) -> None:
 
     options = {"compile_blocks": args.variant.startswith("blocks")}
     if args.fake_world:
-        import torch.distributed as dist
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world)
+        init_fake_world(args.fake_world, device)
         options.update(mesh={"ulysses": args.fake_world}, check_inputs="off")
     compiled = torch.compile(model, backend=lambda gm, example: paracompile_backend(gm, example, options=options))
     if args.variant.endswith("_dynamic"):
@@ -92,6 +89,8 @@ def child(args) -> None:
                             for event in ("hit", "miss", "bypass")}
         if not args.fake_world:  # a fake world's collectives move no data: its output means nothing
             result["max_abs_diff_vs_eager"] = float((output.float() - reference.float()).abs().max())
+        else:
+            result["output_finite"] = output_finite(output)  # see compare.init_fake_world
         if args.second:
             rows, cols = (int(n) for n in args.second.split("x"))
             second = build_inputs(dict(spec, rows=rows, cols=cols), device, dtype)

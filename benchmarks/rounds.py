@@ -52,7 +52,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from compare import build_inputs, build_model, versions, workload_spec  # benchmarks/ is sys.path[0]
+from compare import (build_inputs, build_model, init_fake_world, output_finite, versions,  # benchmarks/ is sys.path[0]
+                     workload_spec, zero_free_memory)
 
 GiB = 1024 ** 3
 
@@ -221,6 +222,15 @@ def profile(run, steps: int, trace_path: str | None = None) -> dict:
                 nccl_ms=round(nccl / 1000 / steps, 3), **gap_summary)
 
 
+
+def _finite_text(result: dict) -> str:
+    """A fake world's outputs are not compared with eager; the column says whether they are finite (a build
+    computing on NaN runs at another power draw and clock: compare.init_fake_world)."""
+    if "output_finite" not in result:
+        return "-"
+    return "finite" if result["output_finite"] else "NOT FINITE"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", default="flux", choices=["flux", "wan"])
@@ -255,9 +265,7 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(device)
     if args.fake_world:
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world)
+        init_fake_world(args.fake_world, device)
     else:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=20))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -298,8 +306,10 @@ def main() -> None:
 
             if cuda:
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
                 reserved_before = torch.cuda.memory_reserved()
+                if args.fake_world:
+                    zero_free_memory(device)
+                torch.cuda.reset_peak_memory_stats()
             sync()
             start = time.perf_counter()
             output = call()
@@ -314,8 +324,12 @@ def main() -> None:
                 result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
                 torch.cuda.empty_cache()
                 result["held_after_gib"] = round((torch.cuda.memory_reserved() - reserved_before) / GiB, 2)
+                if args.fake_world:
+                    zero_free_memory(device)
             if rank == 0 and output is not None and not args.fake_world:
                 result["max_abs_diff_vs_eager1"] = round((output.float() - reference.float()).abs().max().item(), 5)
+            if rank == 0 and output is not None and args.fake_world:
+                result["output_finite"] = output_finite(output)  # see compare.init_fake_world
             setups[name] = call
         except Exception:
             result["error"] = traceback.format_exc(limit=8)
@@ -377,7 +391,8 @@ def main() -> None:
         if args.fake_world:
             meta.update(command="python " + " ".join(shlex.quote(a) for a in sys.argv),
                         fake_world=f"one process as rank 0 of {world}; collectives move no data: rank 0's compute "
-                        "and launch cost, not a step time, and outputs are not compared")
+                        "and launch cost, not a step time, and outputs are not compared with eager (the last column "
+                        "says whether they are finite: a build computing on NaN draws less power and clocks higher)")
         machine = f"{meta['device']} x1, rank 0 of a fake world of {world}" if args.fake_world else f"{meta['device']} x{world}"
         lines = [f"# {args.workload}: interleaved rounds, {machine}", "",
                  *([f"**Fake process group:** {meta['fake_world']}.", ""] if args.fake_world else []),
@@ -397,7 +412,7 @@ def main() -> None:
             lines.append(f"| {name} | {r['median_ms']} | {r['spread_ms'][0]} - {r['spread_ms'][1]} | {speedup} | "
                          f"{r.get('gpu_busy_ms', '-')} | {r.get('kernels_per_step', '-')} | {r.get('nccl_ms', '-')} | "
                          f"{r.get('peak_allocated_gib', '-')} | {r.get('held_after_gib', '-')} | {r['first_call_s']} | "
-                         f"{r.get('max_abs_diff_vs_eager1', '-')} |")
+                         f"{r.get('max_abs_diff_vs_eager1', _finite_text(r))} |")
         table = "\n".join(lines)
         print(table if stage == "final" else f"[{time.strftime('%H:%M:%S')}] timings written", flush=True)
         os.makedirs(args.out, exist_ok=True)
