@@ -55,7 +55,7 @@ def child(args) -> None:
 
     options = {"compile_blocks": args.variant.startswith("blocks")}
     if args.fake_world:
-        init_fake_world(args.fake_world, device)
+        init_fake_world(args.fake_world)
         options.update(mesh={"ulysses": args.fake_world}, check_inputs="off")
     compiled = torch.compile(model, backend=lambda gm, example: paracompile_backend(gm, example, options=options))
     if args.variant.endswith("_dynamic"):

@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 from compare import (build_inputs, build_model, init_fake_world, output_finite, versions,  # benchmarks/ is sys.path[0]
-                     workload_spec, zero_free_memory)
+                     workload_spec)
 
 GiB = 1024 ** 3
 
@@ -265,7 +265,7 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(device)
     if args.fake_world:
-        init_fake_world(args.fake_world, device)
+        init_fake_world(args.fake_world)
     else:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=20))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -306,10 +306,8 @@ def main() -> None:
 
             if cuda:
                 torch.cuda.empty_cache()
-                reserved_before = torch.cuda.memory_reserved()
-                if args.fake_world:
-                    zero_free_memory(device)
                 torch.cuda.reset_peak_memory_stats()
+                reserved_before = torch.cuda.memory_reserved()
             sync()
             start = time.perf_counter()
             output = call()
@@ -324,8 +322,6 @@ def main() -> None:
                 result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
                 torch.cuda.empty_cache()
                 result["held_after_gib"] = round((torch.cuda.memory_reserved() - reserved_before) / GiB, 2)
-                if args.fake_world:
-                    zero_free_memory(device)
             if rank == 0 and output is not None and not args.fake_world:
                 result["max_abs_diff_vs_eager1"] = round((output.float() - reference.float()).abs().max().item(), 5)
             if rank == 0 and output is not None and args.fake_world:
