@@ -31,9 +31,10 @@ from paracompile.collectives import ProcessGroupInfo, SegmentArithmetic
 from paracompile.explain import Report, describe_node
 from paracompile.graph_builder import GraphBuilder
 from paracompile.meta import copy_origin
-from paracompile.passes.sharding_plan import (ATTENTION, DEFINITE_VIEWS, ShardingPlan, better_source_segments,
-                                              is_tensor_list, plan_sharding, tensor_inputs, written_arguments)
-from paracompile.passes.sharding_rules import ANY, OpView, Sharding, is_size_query, is_tensor_node, rule_for, why_not_local
+from paracompile.passes.sharding_plan import (ATTENTION, SHARDED, WRITE_FULL, Aliases, ShardingPlan,
+                                              better_source_segments, decide, is_tensor_list, plan_sharding,
+                                              tensor_inputs, written_arguments)
+from paracompile.passes.sharding_rules import ANY, OpView, Sharding, is_size_query, is_tensor_node, why_not_local
 from paracompile.passes.token_layout import TokenLayout, same_size
 
 aten = torch.ops.aten
@@ -104,10 +105,7 @@ class TokenShardingRewriter:
         # Re-splits of a value whose source was cut with another segment split (a gather each): the plan
         # settles these, so after a rewrite that followed its plan there are none a better cut would avoid.
         self.resplits: list[tuple[fx.Node, TokenLayout]] = []
-        self.alias_root: dict[fx.Node, fx.Node] = {}
-        self.alias_members: dict[fx.Node, list[fx.Node]] = {}
-        self.alias_parent: dict[fx.Node, fx.Node] = {}
-        self.true_views: set[fx.Node] = set()
+        self.aliases = Aliases()
 
     # Conversions between representations -------------------------------------------------------
     def replicated(self, node: fx.Node, reason: str) -> fx.Node:
@@ -236,23 +234,16 @@ class TokenShardingRewriter:
         if not isinstance(result, torch.Tensor) and not is_tensor_list(result):
             self._call_non_tensor(node)
             return
-        inputs = tensor_inputs(node)
-        sharded_inputs = [n for n in inputs if self.layout_of(n) is not None]
-        if sharded_inputs:
-            rule = rule_for(node)
-            sharding = rule(OpView(node, self.layout_of, self.conversion_cost)) if rule is not None else None
-            if sharding is not None:
-                if not self._writes_own_storage(node, sharding.inputs):
-                    self._write_into_full_tensor(node)
-                    return
-                self._emit_sharded(node, sharding)
-                return
-            reason = self._why_not_local(node)
-        else:
-            reason = ""
-        if not self._writes_own_storage(node, {}):
+        kind, sharding = decide(node, self.layout_of, self.conversion_cost, lambda n: self.env[n].native_sharded,
+                                self.aliases)
+        if kind == WRITE_FULL:
             self._write_into_full_tensor(node)
             return
+        if kind == SHARDED:
+            self._emit_sharded(node, sharding)
+            return
+        sharded_inputs = any(self.layout_of(n) is not None for n in tensor_inputs(node))
+        reason = self._why_not_local(node) if sharded_inputs else ""
         new = self._copy(node, lambda v: self._map_plain(v, reason))
         self._after_write(node)
         self._track_alias(node, new)
@@ -350,34 +341,10 @@ class TokenShardingRewriter:
     # storage (gathered first if the root lives sharded), the view chain replayed on it. Afterwards the
     # root lives replicated, and every alias of it that is not a true view is rebuilt from it.
 
-    def _writes_own_storage(self, node: fx.Node, required: dict) -> bool:
-        """Whether every argument `node` writes into is a true view whose own representation is the one the
-        op is given (`required`: the layouts the op's rule asks for, by argument name; None: replicated)."""
-        names = written_arguments(node)
-        if not names:
-            return True
-        arguments = OpView(node, self.layout_of).args
-        for name in names:
-            target = arguments[name]
-            if not is_tensor_node(target):
-                continue
-            value = self.env[target]
-            wanted = required.get(name)
-            if isinstance(wanted, list) or wanted is ANY:
-                return False
-            own = (value.native == "replicated" and wanted is None) or (
-                value.native == "sharded" and wanted is not None and value.layout == wanted)
-            if not own or not self._is_true_view(target):
-                return False
-        return True
-
     def _written_nodes(self, node: fx.Node) -> list[fx.Node]:
         """The tensors `node` writes into."""
         arguments = OpView(node, self.layout_of).args
         return [arguments[name] for name in written_arguments(node) if is_tensor_node(arguments[name])]
-
-    def _is_true_view(self, node: fx.Node) -> bool:
-        return node not in self.alias_parent or node in self.true_views
 
     def _native_node(self, node: fx.Node) -> Optional[fx.Node]:
         value = self.env.get(node)
@@ -388,22 +355,22 @@ class TokenShardingRewriter:
     def _write_into_full_tensor(self, node: fx.Node) -> None:
         """Runs the in-place op `node` on the full tensor it writes into (see above)."""
         written = self._written_nodes(node)
-        root = self.alias_root.get(written[0], written[0])
-        if any(self.alias_root.get(w, w) is not root for w in written[1:]):
+        root = self.aliases.root_of(written[0])
+        if any(self.aliases.root_of(w) is not root for w in written[1:]):
             raise NotImplementedError(f"paracompile: {describe_node(node)} writes into several tensors at once, and "
                                       "they cannot all be kept exact on token shards")
         reason = f"{describe_node(node)} writes in place into it through a view the shards cannot follow"
         root_value = self.env[root]
         storage = self.replicated(root, reason)
         self.env[root] = Value(root_value.ndim, replicated=storage)
-        self.true_views.add(root)
+        self.aliases.true_views.add(root)
         rebuilt = self._rebuild_aliases(root, reason)
         new = self._copy(node, lambda v: rebuilt.get(v) if isinstance(v, fx.Node) and v in rebuilt
                          else self._map_plain(v, reason))
         self.report.gathers.append(f"{node.name}: {reason}; written on the full {root.name} (no shards until "
                                    "it is read sharded again)")
         self._track_alias(node, new)
-        self.true_views.add(node)
+        self.aliases.true_views.add(node)
         result = node.meta["val"]
         self.env[node] = Value(result.dim(), replicated=new) if isinstance(result, torch.Tensor) else new
         self._after_write(node)
@@ -414,14 +381,14 @@ class TokenShardingRewriter:
         new node. A rebuilt alias is a true view when the full value is the root's own storage."""
         rebuilt = {root: self.replicated(root, reason)}
         true = {root: not self.env[root].native_sharded}
-        for member in self.alias_members.get(root, [root]):
-            if member is root or (only_stale and self._is_true_view(member)):
+        for member in self.aliases.members_of(root):
+            if member is root or (only_stale and self.aliases.is_true_view(member)):
                 continue
-            parent = self.alias_parent[member]
+            parent = self.aliases.parent[member]
             if parent not in rebuilt:
                 rebuilt[parent] = self.replicated(parent, reason)
                 own = self._native_node(parent)
-                true[parent] = self._is_true_view(parent) and own is not None and own is rebuilt[parent]
+                true[parent] = self.aliases.is_true_view(parent) and own is not None and own is rebuilt[parent]
             base = rebuilt[parent]
             if member.target is operator.getitem:
                 new = self.graph.call_function(operator.getitem, (base, member.args[1]))
@@ -438,9 +405,9 @@ class TokenShardingRewriter:
                 self.env[member] = [Value(t.dim(), replicated=self.graph.call_function(operator.getitem, (new, i)))
                                     for i, t in enumerate(result)]
             if true[member]:
-                self.true_views.add(member)
+                self.aliases.true_views.add(member)
             else:
-                self.true_views.discard(member)
+                self.aliases.true_views.discard(member)
         return rebuilt
 
     def _after_write(self, node: fx.Node) -> None:
@@ -448,45 +415,22 @@ class TokenShardingRewriter:
         aliases that are not true views of the root are rebuilt from it."""
         written = self._written_nodes(node)
         for target in written:
-            root = self.alias_root.get(target, target)
-            for member in self.alias_members.get(root, [root]):
+            root = self.aliases.root_of(target)
+            for member in self.aliases.members_of(root):
                 value = self.env.get(member)
                 if isinstance(value, Value):
                     value.forget_copies()
-            if any(not self._is_true_view(m) for m in self.alias_members.get(root, [])):
+            if any(not self.aliases.is_true_view(m) for m in self.aliases.members_of(root)):
                 self._rebuild_aliases(root, f"{describe_node(node)} wrote into {root.name}", only_stale=True)
 
     def _track_alias(self, node: fx.Node, new: Optional[fx.Node] = None) -> None:
-        """Ops whose output is a view of (or the same storage as) their first input join its alias root.
-        The output is a true view when the input is one, the op read the input's own representation, and
-        the op is a view wherever it runs (not `reshape` or `contiguous`, which copy or not by layout)."""
-        if node.target is operator.getitem:
-            parent = node.args[0]
-            if parent in self.alias_root:
-                self._join(node, parent, self._is_true_view(parent))
-            return
-        target = node.target
-        if not isinstance(target, torch._ops.OpOverload) or not target._schema.returns:
-            return
-        if target._schema.returns[0].alias_info is None:
-            return
-        inputs = tensor_inputs(node)
-        if not inputs:
-            return
-        parent = inputs[0]
-        native = self._native_node(parent)
-        true = (self._is_true_view(parent) and new is not None and native is not None
-                and native in new.all_input_nodes
-                and (target.overloadpacket in DEFINITE_VIEWS or bool(written_arguments(node))))
-        self._join(node, parent, true)
+        """`node` joins its input's alias root; it read the input's own representation when that node is
+        among the inputs of `new`, the op the rewrite emitted for it."""
+        def read_own(parent: fx.Node) -> bool:
+            native = self._native_node(parent)
+            return new is not None and native is not None and native in new.all_input_nodes
 
-    def _join(self, node: fx.Node, parent: fx.Node, true: bool) -> None:
-        root = self.alias_root.get(parent, parent)
-        self.alias_root[node] = root
-        self.alias_parent[node] = parent
-        self.alias_members.setdefault(root, [root]).append(node)
-        if true:
-            self.true_views.add(node)
+        self.aliases.track(node, read_own)
 
 
 def _first_layout(required) -> TokenLayout:

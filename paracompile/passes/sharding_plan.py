@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -197,6 +197,46 @@ def plan_sharding(gm: fx.GraphModule, group_size: int, attention_strategy, deman
     return plan
 
 
+SHARDED, REPLICATED, WRITE_FULL = "sharded", "replicated", "write_full"
+
+
+def decide(node: fx.Node, layout_of, cost, native_sharded, aliases: "Aliases") -> tuple[str, Any]:
+    """What the token pass does with one op node, asked alike by the plan and by the rewrite: SHARDED with the
+    rule's Sharding, REPLICATED (no input sharded, or no rule for these layouts), or WRITE_FULL (an in-place
+    write whose target's own storage the op would not be given: it runs on the full tensor).
+    `native_sharded(node)`: whether the op that made `node` produced its shard (else its full value)."""
+    def own_storage(required: dict) -> bool:
+        return writes_own_storage(node, required, layout_of, native_sharded, aliases)
+
+    if any(layout_of(n) is not None for n in tensor_inputs(node)):
+        rule = rule_for(node)
+        sharding = rule(OpView(node, layout_of, cost)) if rule is not None else None
+        if sharding is not None:
+            return (SHARDED, sharding) if own_storage(sharding.inputs) else (WRITE_FULL, None)
+    return (REPLICATED, None) if own_storage({}) else (WRITE_FULL, None)
+
+
+def writes_own_storage(node: fx.Node, required: dict, layout_of, native_sharded, aliases: "Aliases") -> bool:
+    """Whether every argument `node` writes into is a true view whose own representation is the one the op is
+    given (`required`: the layouts the op's rule asks for, by argument name; None: replicated)."""
+    names = written_arguments(node)
+    if not names:
+        return True
+    arguments = OpView(node, layout_of).args
+    for name in names:
+        target = arguments[name]
+        if not is_tensor_node(target):
+            continue
+        wanted = required.get(name)
+        if isinstance(wanted, list) or wanted is ANY:
+            return False
+        sharded = native_sharded(target)
+        own = (not sharded and wanted is None) or (sharded and wanted is not None and layout_of(target) == wanted)
+        if not own or not aliases.is_true_view(target):
+            return False
+    return True
+
+
 class _Planner:
     """One walk over the graph in order, following the rewrite's decisions on layouts alone."""
 
@@ -206,10 +246,7 @@ class _Planner:
         self.plan = ShardingPlan(demands=demands)
         self.values: dict[fx.Node, Any] = {}
         self.resplits: list[tuple[fx.Node, TokenLayout]] = []
-        self.alias_root: dict[fx.Node, fx.Node] = {}
-        self.alias_members: dict[fx.Node, list[fx.Node]] = {}
-        self.true_views: set[fx.Node] = set()
-        self.alias_parent: dict[fx.Node, fx.Node] = {}
+        self.aliases = Aliases()
 
     def run(self) -> ShardingPlan:
         for node in self.gm.graph.nodes:
@@ -305,7 +342,7 @@ class _Planner:
     def _call(self, node: fx.Node) -> None:
         if node.target is operator.getitem and isinstance(self.values.get(node.args[0]), list):
             self.values[node] = self.values[node.args[0]][node.args[1]]
-            self._track_alias(node, read_native=True)
+            self.aliases.track(node, lambda parent: True)
             return
         result = node.meta.get("val")
         if not isinstance(result, torch.Tensor) and not is_tensor_list(result):
@@ -314,23 +351,18 @@ class _Planner:
                 self._need_full_all(list(node.args) + list(node.kwargs.values()), f"{describe_node(node)} reads values")
             return
         inputs = tensor_inputs(node)
-        if any(self.layout_of(n) is not None for n in inputs):
-            rule = rule_for(node)
-            sharding = rule(OpView(node, self.layout_of, self.cost)) if rule is not None else None
-            if sharding is not None:
-                if not self._writes_own_storage(node, sharding.inputs):
-                    self._write_into_full_tensor(node)
-                    return
-                self._sharded(node, sharding)
-                return
-        if not self._writes_own_storage(node, {}):
+        kind, sharding = decide(node, self.layout_of, self.cost, lambda n: self.values[n].native_sharded, self.aliases)
+        if kind == WRITE_FULL:
             self._write_into_full_tensor(node)
+            return
+        if kind == SHARDED:
+            self._sharded(node, sharding)
             return
         reason = describe_node(node)
         for producer in inputs:
             self.need_full(producer, f"{reason} needs it whole")
         self._after_write(node)
-        self._track_alias(node, read_native=bool(inputs) and not self.values[inputs[0]].native_sharded)
+        self.aliases.track(node, lambda parent: not self.values[parent].native_sharded)
         if isinstance(result, torch.Tensor):
             self.values[node] = _Planned()
             self._cut_if_demanded(node)
@@ -361,7 +393,7 @@ class _Planner:
             own = self.values[parent]
             read_native = wanted is ANY or (own.native_sharded and isinstance(wanted, TokenLayout)
                                             and own.layout == wanted) or (not own.native_sharded and wanted is None)
-        self._track_alias(node, read_native)
+        self.aliases.track(node, lambda parent: read_native)
         if sharding.output is None:
             self.values[node] = _Planned()
             self._cut_if_demanded(node)
@@ -370,37 +402,19 @@ class _Planner:
         else:
             self.values[node] = _Planned(layout=sharding.output, full=False, native_sharded=True)
 
-    # In-place writes (shard_tokens.py explains the rule) -------------------------------------------
-    def _writes_own_storage(self, node: fx.Node, required: dict) -> bool:
-        names = written_arguments(node)
-        if not names:
-            return True
-        arguments = OpView(node, self.layout_of).args
-        for name in names:
-            target = arguments[name]
-            if not is_tensor_node(target):
-                continue
-            value, wanted = self.values[target], required.get(name)
-            if isinstance(wanted, list) or wanted is ANY:
-                return False
-            own = (not value.native_sharded and wanted is None) or (
-                value.native_sharded and wanted is not None and value.layout == wanted)
-            if not own or not (target not in self.alias_parent or target in self.true_views):
-                return False
-        return True
-
+    # In-place writes (shard_tokens.py explains the rule; `decide` says when one runs on the full tensor) --
     def _write_into_full_tensor(self, node: fx.Node) -> None:
         arguments = OpView(node, self.layout_of).args
         written = [arguments[name] for name in written_arguments(node) if is_tensor_node(arguments[name])]
-        root = self.alias_root.get(written[0], written[0])
+        root = self.aliases.root_of(written[0])
         reason = f"{describe_node(node)} writes in place into it through a view the shards cannot follow"
         self.need_full(root, reason)
-        for member in self.alias_members.get(root, [root]):
+        for member in self.aliases.members_of(root):
             self.values[member] = _Planned()
-            self.true_views.add(member)
+            self.aliases.true_views.add(member)
         for producer in tensor_inputs(node):
             self.need_full(producer, reason)
-        self._track_alias(node, read_native=True)
+        self.aliases.track(node, lambda parent: True)
         self.values[node] = _Planned()
 
     def _after_write(self, node: fx.Node) -> None:
@@ -409,21 +423,51 @@ class _Planner:
             target = arguments.get(name)
             if not is_tensor_node(target):
                 continue
-            root = self.alias_root.get(target, target)
-            members = self.alias_members.get(root, [root])
+            root = self.aliases.root_of(target)
+            members = self.aliases.members_of(root)
             for member in members:
                 value = self.values.get(member)
                 if isinstance(value, _Planned):
                     value.forget_copies()
             for member in members:
-                if member in self.alias_parent and member not in self.true_views:
+                if not self.aliases.is_true_view(member):
                     self.values[member] = _Planned()
 
-    def _track_alias(self, node: fx.Node, read_native: bool) -> None:
+    # Segments --------------------------------------------------------------------------------------
+    def better_source_segments(self) -> dict[fx.Node, tuple]:
+        return better_source_segments(self.resplits, self.layout_of, set(self.plan.cuts), self.source_segments)
+
+
+class Aliases:
+    """Which tensors share storage: each alias root with the views made from it, in order, and which of those
+    are true views, whose writes reach the root's own storage (shard_tokens.py states the rule). The rewrite and
+    the plan track aliases alike; they differ only in how they tell that an op read its input's own
+    representation."""
+
+    def __init__(self):
+        self.root: dict[fx.Node, fx.Node] = {}
+        self.members: dict[fx.Node, list[fx.Node]] = {}
+        self.parent: dict[fx.Node, fx.Node] = {}
+        self.true_views: set[fx.Node] = set()
+
+    def root_of(self, node: fx.Node) -> fx.Node:
+        return self.root.get(node, node)
+
+    def members_of(self, root: fx.Node) -> list[fx.Node]:
+        return self.members.get(root, [root])
+
+    def is_true_view(self, node: fx.Node) -> bool:
+        return node not in self.parent or node in self.true_views
+
+    def track(self, node: fx.Node, read_own: Callable[[fx.Node], bool]) -> None:
+        """Ops whose output is a view of (or the same storage as) their first input join its alias root. The
+        output is a true view when the input is one, the op read the input's own representation
+        (`read_own(input)`), and the op is a view wherever it runs (not `reshape` or `contiguous`, which copy
+        or not by layout)."""
         if node.target is operator.getitem:
             parent = node.args[0]
-            if parent in self.alias_root:
-                self._join(node, parent, parent not in self.alias_parent or parent in self.true_views)
+            if parent in self.root:
+                self._join(node, parent, self.is_true_view(parent))
             return
         target = node.target
         if not isinstance(target, torch._ops.OpOverload) or not target._schema.returns:
@@ -434,21 +478,17 @@ class _Planner:
         if not inputs:
             return
         parent = inputs[0]
-        true = ((parent not in self.alias_parent or parent in self.true_views) and read_native
+        true = (self.is_true_view(parent) and read_own(parent)
                 and (target.overloadpacket in DEFINITE_VIEWS or bool(written_arguments(node))))
         self._join(node, parent, true)
 
     def _join(self, node: fx.Node, parent: fx.Node, true: bool) -> None:
-        root = self.alias_root.get(parent, parent)
-        self.alias_root[node] = root
-        self.alias_parent[node] = parent
-        self.alias_members.setdefault(root, [root]).append(node)
+        root = self.root_of(parent)
+        self.root[node] = root
+        self.parent[node] = parent
+        self.members.setdefault(root, [root]).append(node)
         if true:
             self.true_views.add(node)
-
-    # Segments --------------------------------------------------------------------------------------
-    def better_source_segments(self) -> dict[fx.Node, tuple]:
-        return better_source_segments(self.resplits, self.layout_of, set(self.plan.cuts), self.source_segments)
 
 
 def better_source_segments(resplits, layout_of, cut_sources: set, segments: dict) -> dict[fx.Node, tuple]:
