@@ -57,6 +57,17 @@ class Report:
         logger.warning(self.format())
 
 
+def shape_text(node: fx.Node) -> str:
+    """A node's (global or local) tensor shape as the reports print it, e.g. `(1, 4, 17, 16)`; `?` when it is
+    no tensor."""
+    import torch
+
+    value = node.meta.get("val") if isinstance(node, fx.Node) else node
+    if not isinstance(value, torch.Tensor):
+        return "?"
+    return str(tuple(int(s) if isinstance(s, int) else str(s) for s in value.shape))
+
+
 def describe_added_ops(original: fx.Graph, rewritten: fx.Graph) -> str:
     """What the rewrite added around the model's own ops, by kind: the collectives, and the layout ops
     (slices, pads, copies, reshapes, concatenations) that move tokens between layouts. Each can be a kernel

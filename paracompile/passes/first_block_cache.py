@@ -39,10 +39,10 @@ import torch
 import torch.fx as fx
 
 from paracompile.cache import FirstBlockCache
-from paracompile.explain import describe_node
+from paracompile.explain import describe_node, shape_text
 from paracompile.options import Options
 from paracompile.passes.block_loop import BlockRegion, CacheUnavailable, block_of, dotted, find_block_region
-from paracompile.passes.residual_streams import is_tensor, known_equal, residual_sources, shape_text, val
+from paracompile.passes.residual_streams import is_tensor, known_equal, residual_sources, val
 from paracompile.passes.sharding_rules import is_size_query
 from paracompile.passes.trace_to_aten import aten_graph_with_values
 from paracompile.runtime import model_state_positions, readable_input_name

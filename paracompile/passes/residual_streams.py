@@ -45,11 +45,6 @@ def same_shape(a: fx.Node, b: fx.Node) -> bool:
             and first.dim() == second.dim() and all(known_equal(x, y) for x, y in zip(first.shape, second.shape)))
 
 
-def shape_text(node: fx.Node) -> str:
-    value = val(node)
-    return str(tuple(int(s) if isinstance(s, int) else str(s) for s in value.shape)) if isinstance(value, torch.Tensor) else "?"
-
-
 @dataclass(frozen=True, eq=False)
 class _Window:
     """The part [start, end) along `dim` of a tensor that the value being followed came from."""

@@ -60,10 +60,8 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
 
     my_ranks = ranks_of_block(ring_index)
 
-    if not key_layout.same_split(value_layout):
-        # Each ring step sends a key block with its value block, token for token: values that come from
-        # another split (another source's segments) are re-cut to the keys' split (a gather, reported).
-        value_layout = key_layout.at_dim(value_layout.dim)
+    # `layouts` are the site's (SequenceAttention.plan): values split apart from their keys come re-cut to
+    # the keys' split, since each ring step sends a key block with its value block, token for token.
     query = rewriter.sharded(view["query"], query_layout, name)
     key = rewriter.sharded(view["key"], key_layout, name)
     value = rewriter.sharded(view["value"], value_layout, f"{name} (ring needs values split as the keys are)")

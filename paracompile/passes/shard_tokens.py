@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from paracompile import collectives
 from paracompile.collectives import ProcessGroupInfo, SegmentArithmetic
-from paracompile.explain import Report, describe_node
+from paracompile.explain import Report, describe_node, shape_text
 from paracompile.graph_builder import GraphBuilder
 from paracompile.meta import copy_origin
 from paracompile.passes.sharding_plan import (ATTENTION, SHARDED, WRITE_FULL, Aliases, ShardingPlan,
@@ -298,7 +298,7 @@ class TokenShardingRewriter:
         if sharding.partial_sum:
             new = collectives.all_reduce_sum(self.builder, new, self.group)
             self.report.reductions.append(f"{describe_node(node)}: contracts over the token axis; each rank's "
-                                          f"partial sum all-reduced to {_shape_text(node)}")
+                                          f"partial sum all-reduced to {shape_text(node)}")
         self._after_write(node)
         self._track_alias(node, new)
         if sharding.output is None:
@@ -457,7 +457,3 @@ def shard_tokens(gm: fx.GraphModule, group: ProcessGroupInfo, report: Report, at
                             + ", ".join(f"{node.name} with segments {[str(s) for s in segments]}"
                                         for node, segments in missed.items()))
     return result
-
-
-def _shape_text(node: fx.Node) -> str:
-    return "[" + ", ".join(str(size) for size in node.meta["val"].shape) + "]"

@@ -96,11 +96,12 @@ class SequenceAttention:
     def __call__(self, rewriter, node: fx.Node) -> None:
         site = self.plan(node, rewriter.layout_of)
         view = OpView(node, rewriter.layout_of)
-        layouts = [view.layout(name) for name in ("query", "key", "value")]
+        # The layouts the site uses its inputs with (the ring's values re-cut to the keys' split among them).
+        layouts = [site.inputs.get(name) for name in ("query", "key", "value")]
         if site.kind == "replicated":
             _replicated_attention(rewriter, node, view, site.reason)
         elif site.kind == "local":
-            _local_attention(rewriter, node, view, layouts[0])
+            _local_attention(rewriter, node, view, site)
         elif site.kind == "ring":
             ring_attention(rewriter, node, view, layouts, view.shape(view["query"])[-3])
         else:
@@ -122,21 +123,17 @@ def _replicated_attention(rewriter, node, view, reason: str) -> None:
     rewriter.report.attention.append(f"{name}: replicated ({reason})")
 
 
-def _local_attention(rewriter, node, view, query_layout) -> None:
+def _local_attention(rewriter, node, view, site: AttentionSite) -> None:
+    """Sharded queries against full keys and values, the mask's query rows sharded where it has them (the
+    layouts `site` gives)."""
     args = dict(view.args)
-    args["query"] = rewriter.sharded(view["query"], query_layout, describe_node(node))
-    for name in ("key", "value"):
-        args[name] = rewriter.replicated(view[name], describe_node(node))
-    mask = view["attn_mask"]
-    if isinstance(mask, fx.Node):
-        mask_shape = view.shape(mask)
-        mask_query_dim = len(mask_shape) - 2
-        if mask_query_dim >= 0 and not same_size(mask_shape[mask_query_dim], 1):
-            args["attn_mask"] = rewriter.sharded(mask, query_layout.at_dim(mask_query_dim), describe_node(node))
-        else:
-            args["attn_mask"] = rewriter.replicated(mask, describe_node(node))
+    for name in ("query", "key", "value", "attn_mask"):
+        if isinstance(args[name], fx.Node):
+            layout = site.inputs.get(name)
+            args[name] = (rewriter.sharded(view[name], layout, describe_node(node)) if layout is not None
+                          else rewriter.replicated(view[name], describe_node(node)))
     new = rewriter.emit(node.target, args)
-    rewriter.bind_sharded(node, new, query_layout)
+    rewriter.bind_sharded(node, new, site.output)
     rewriter.report.attention.append(
         f"{describe_node(node)}: local (keys/values replicated, queries sharded: no communication)")
 
