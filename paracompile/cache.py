@@ -10,7 +10,8 @@ One `FirstBlockCache` wraps the three compiled parts of one graph (passes/first_
 3. The decision: diff = sum|r - r_prev| / sum|r_prev| over the global tensor. A hit when diff < threshold;
    forced misses: a new generation, an empty slot, a slot filled at other input shapes, the first
    `fbcache_warmup` calls of the slot, or `fbcache_max_hits` hits in a row.
-4. A hit adds each stream's cached residual to its value after block 0; a miss runs the rest of the region
+4. A hit adds each stream's cached residual to its value after block 0 (with `fbcache_taylorseer_order` > 0,
+   the residual extrapolated from the slot's last misses: TaylorSeer); a miss runs the rest of the region
    and stores, per stream, residual = (region output) - (value after block 0), and r_prev = r.
 5. tail: everything after the region.
 
@@ -34,6 +35,7 @@ slots and statistics, and every rank keeps making the same collective calls.
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 import zlib
 from collections import deque
@@ -84,9 +86,31 @@ def plan_hash(signature: str) -> float:
 class _Slot:
     shape_key: tuple
     r_prev: Optional[torch.Tensor] = None
-    residuals: Optional[list] = None
-    calls: int = 0
+    # Per stream, the residual at the last miss and (TaylorSeer) its finite-difference derivatives over the
+    # slot's calls: [R, dR, d2R, ...].
+    derivatives: Optional[list] = None
+    calls: int = 0  # calls that landed in the slot this generation, hits included
+    computed_at: int = 0  # the value of `calls` at the last miss
     hits_in_row: int = 0
+
+
+def taylor_update(previous: Optional[list], residual: torch.Tensor, steps: int, order: int) -> list:
+    """TaylorSeer's table after a computed step: [R, dR, ..., up to `order`], each derivative the change of the
+    one below it since the previous computed step (`previous`, `steps` calls ago) per call. The first computed
+    step has no derivatives; each later one adds one, up to `order`."""
+    derivatives = [residual]
+    if previous is not None:
+        for index in range(min(order, len(previous))):
+            derivatives.append((derivatives[index] - previous[index]) / steps)
+    return derivatives
+
+
+def taylor_predict(derivatives: list, steps: int) -> torch.Tensor:
+    """The residual `steps` calls after the computed step: sum of d^iR * steps^i / i! (order 0: R itself)."""
+    predicted = derivatives[0]
+    for index in range(1, len(derivatives)):
+        predicted = predicted + derivatives[index] * (steps ** index / math.factorial(index))
+    return predicted
 
 
 class CacheState:
@@ -132,6 +156,7 @@ class FirstBlockCache:
         self.threshold = float(options.threshold)
         self.warmup = options.fbcache_warmup
         self.max_hits = options.fbcache_max_hits
+        self.taylor_order = options.fbcache_taylorseer_order
         self.timestep_index = timestep_index
         self.data_inputs = data_inputs
         self.weight_input = weight_input
@@ -163,7 +188,8 @@ class FirstBlockCache:
         position, hit = self._decide(state, args, residual, shape_key)
         slot = state.slots.get(position)
         if hit:
-            ends = [start + cached for start, cached in zip(starts, slot.residuals)]
+            steps = slot.calls - slot.computed_at
+            ends = [start + taylor_predict(derivatives, steps) for start, derivatives in zip(starts, slot.derivatives)]
             slot.hits_in_row += 1
             state.generation["hits"] += 1
         else:
@@ -174,7 +200,11 @@ class FirstBlockCache:
                 residual, residuals = residual.clone(), [r.clone() for r in residuals]
             if slot is None or slot.shape_key != shape_key:
                 slot = state.slots[position] = _Slot(shape_key)
-            slot.r_prev, slot.residuals, slot.hits_in_row = residual, residuals, 0
+            previous = slot.derivatives or [None] * len(residuals)
+            steps = slot.calls - slot.computed_at
+            slot.derivatives = [taylor_update(before, now, steps, self.taylor_order)
+                                for before, now in zip(previous, residuals)]
+            slot.r_prev, slot.computed_at, slot.hits_in_row = residual, slot.calls, 0
             state.generation["misses"] += 1
         slot.calls += 1
         return self.tail(*args, *[head_outputs[i] for i in self.head_to_tail], *ends)

@@ -8,6 +8,9 @@ MESH_DIM_NAMES = ("batch", "ring", "ulysses")
 COMPILERS = ("inductor", "eager")
 # When the ranks compare their inputs (paracompile/runtime.py): the first call of each model, every call, never.
 CHECK_INPUT_MODES = ("first", "always", "off")
+# The block cache's TaylorSeer predictor: derivatives beyond the second amplify the residuals' noise (cache-dit
+# and the TaylorSeer paper use 1 or 2).
+MAX_TAYLORSEER_ORDER = 4
 
 
 @dataclass
@@ -22,6 +25,9 @@ class Options:
     explain: bool = False
     fbcache_warmup: int = 0
     fbcache_max_hits: Optional[int] = None
+    fbcache_front_blocks: int = 1
+    fbcache_back_blocks: int = 0
+    fbcache_taylorseer_order: int = 0
     timestep_arg: Optional[str] = "timestep"
     check_inputs: str = "first"
     cuda_graphs: bool = False
@@ -37,6 +43,9 @@ _TYPES = {
     "explain": (bool,),
     "fbcache_warmup": (int,),
     "fbcache_max_hits": (int, type(None)),
+    "fbcache_front_blocks": (int,),
+    "fbcache_back_blocks": (int,),
+    "fbcache_taylorseer_order": (int,),
     "timestep_arg": (str, type(None)),
     "check_inputs": (str,),
     "cuda_graphs": (bool,),
@@ -69,6 +78,14 @@ def parse_options(raw: Optional[dict]) -> Options:
         raise ValueError(f"paracompile: option 'fbcache_warmup' must be >= 0, got {options.fbcache_warmup!r}")
     if options.fbcache_max_hits is not None and options.fbcache_max_hits < 1:
         raise ValueError(f"paracompile: option 'fbcache_max_hits' must be >= 1 or None, got {options.fbcache_max_hits!r}")
+    if options.fbcache_front_blocks < 1:
+        raise ValueError(f"paracompile: option 'fbcache_front_blocks' must be >= 1 (the blocks that always run and "
+                         f"decide), got {options.fbcache_front_blocks!r}")
+    if options.fbcache_back_blocks < 0:
+        raise ValueError(f"paracompile: option 'fbcache_back_blocks' must be >= 0, got {options.fbcache_back_blocks!r}")
+    if not 0 <= options.fbcache_taylorseer_order <= MAX_TAYLORSEER_ORDER:
+        raise ValueError(f"paracompile: option 'fbcache_taylorseer_order' must be 0 (reuse the cached residual as it "
+                         f"is) to {MAX_TAYLORSEER_ORDER} (extrapolate it), got {options.fbcache_taylorseer_order!r}")
     if options.timestep_arg is not None and not options.timestep_arg.isidentifier():
         raise ValueError(f"paracompile: option 'timestep_arg' must name a forward argument (or be None), got "
                          f"{options.timestep_arg!r}")

@@ -42,27 +42,65 @@ SCALAR_CPP = {"cpp.vec_isa_ok": False}
 
 
 class _Slot:
-    def __init__(self):
+    def __init__(self, taylor_order: int):
         self.r_prev = None
-        self.residuals = None
         self.calls = 0
         self.hits_in_row = 0
+        self.taylor = None  # per stream, a TaylorSeer
+
+
+class TaylorSeer:
+    """TaylorSeer's published rule as cache-dit writes it (calibrators/taylorseer.py): every call advances
+    the step; a computed step updates the derivatives dY_current from the previous computed step's
+    (dY_prev) over the steps between them; a cached step predicts sum d^iY * elapsed^i / i!. One difference
+    from cache-dit: the first derivative is taken at the second computed step (cache-dit waits for step 2)."""
+
+    def __init__(self, order: int):
+        self.order = order
+        self.current_step = -1
+        self.last_computed_step = -1
+        self.dY_current = [None] * (order + 1)
+
+    def mark_step_begin(self):
+        self.current_step += 1
+
+    def update(self, Y):
+        dY_prev, window = self.dY_current, self.current_step - self.last_computed_step
+        self.dY_current = [Y] + [None] * self.order
+        for i in range(self.order):
+            if dY_prev[i] is None:
+                break
+            self.dY_current[i + 1] = (self.dY_current[i] - dY_prev[i]) / window
+        self.last_computed_step = self.current_step
+
+    def approximate(self):
+        elapsed = self.current_step - self.last_computed_step
+        output = 0
+        for i, derivative in enumerate(self.dY_current):
+            if derivative is None:
+                break
+            output = output + derivative * (elapsed ** i / math.factorial(i))
+        return output
 
 
 class ReferenceCache:
     """First Block Cache by hand on an eager model. `blocks` lists every block of the cached loop(s) in
     order; `hidden_input(args, kwargs)` picks block 0's input on the hidden stream; block outputs are a
-    tensor or a tuple of streams, and `hidden_index` says which one is the hidden stream."""
+    tensor or a tuple of streams, and `hidden_index` says which one is the hidden stream. DBCache's
+    generalisation: the first `front` blocks always run and their residual decides, the last `back` blocks
+    always run after the cached ones; `taylor_order` > 0 predicts the cached residual with TaylorSeer."""
 
     def __init__(self, model: nn.Module, blocks: list, hidden_input: Callable, hidden_index: int,
-                 threshold: float, warmup: int = 0, max_hits: Optional[int] = None):
+                 threshold: float, warmup: int = 0, max_hits: Optional[int] = None, front: int = 1, back: int = 0,
+                 taylor_order: int = 0):
         self.model, self.hidden_input, self.hidden_index = model, hidden_input, hidden_index
         self.threshold, self.warmup, self.max_hits = threshold, warmup, max_hits
+        self.taylor_order = taylor_order
         self.slots: dict = {}
         self.handles = [
             blocks[0].register_forward_pre_hook(self._before_first, with_kwargs=True),
-            blocks[0].register_forward_hook(self._after_first),
-            blocks[-1].register_forward_hook(self._after_last),
+            blocks[front - 1].register_forward_hook(self._after_first),
+            blocks[len(blocks) - back - 1].register_forward_hook(self._after_last),
         ]
 
     def close(self):
@@ -73,7 +111,7 @@ class ReferenceCache:
         """Returns (output, hit, diff or None)."""
         if new_generation:
             self.slots.clear()
-        self.slot = self.slots.setdefault(slot, _Slot())
+        self.slot = self.slots.setdefault(slot, _Slot(self.taylor_order))
         with torch.no_grad():
             output = self.model(**inputs)
         return output, self.hit, self.diff
@@ -96,13 +134,18 @@ class ReferenceCache:
         outputs = list(output) if isinstance(output, (tuple, list)) else [output]
         slot = self.slot
         slot.calls += 1
+        if slot.taylor is None:
+            slot.taylor = [TaylorSeer(self.taylor_order) for _ in outputs]
+        for seer in slot.taylor:
+            seer.mark_step_begin()
         if self.hit:
             slot.hits_in_row += 1
-            replaced = [first + residual for first, residual in zip(self.first_outputs, slot.residuals)]
+            replaced = [first + seer.approximate() for first, seer in zip(self.first_outputs, slot.taylor)]
             return tuple(replaced) if isinstance(output, (tuple, list)) else replaced[0]
         slot.hits_in_row = 0
         slot.r_prev = self.r
-        slot.residuals = [last - first for last, first in zip(outputs, self.first_outputs)]
+        for seer, last, first in zip(slot.taylor, outputs, self.first_outputs):
+            seer.update(last - first)
         return None
 
 
@@ -304,6 +347,106 @@ EXPECTED_REPORT = {
 }
 
 
+def _deep_toy_spec(depth: int = 5) -> ModelSpec:
+    spec = _toy_spec()
+
+    def build():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return ToyDiT(depth=depth).eval()
+
+    return ModelSpec(build, spec.inputs, spec.latent, spec.blocks, spec.hidden_input, spec.hidden_index)
+
+
+# (front blocks, back blocks, TaylorSeer order, warmup, max hits in a row): DBCache's Fn/Bn, TaylorSeer of order
+# 1 and 2 (hits after 1, 2, 3 misses; with max hits 1, misses 2 calls apart, so the derivatives divide by 2).
+CACHE_METHODS = {
+    "dbcache_f2b1": (2, 1, 0, 0, None),
+    "dbcache_f1b2": (1, 2, 0, 0, None),
+    "taylorseer1": (1, 0, 1, 2, None),
+    "taylorseer1_every_other": (1, 0, 1, 0, 1),
+    "dbcache_f2b1_taylorseer2": (2, 1, 2, 3, None),
+}
+
+
+def _method_options(front, back, order, warmup, max_hits) -> dict:
+    return dict(fbcache_front_blocks=front, fbcache_back_blocks=back, fbcache_taylorseer_order=order,
+                fbcache_warmup=warmup, fbcache_max_hits=max_hits)
+
+
+@pytest.mark.parametrize("method", list(CACHE_METHODS))
+def test_dbcache_and_taylorseer_match_their_reference(method):
+    """Each method's hits are the eager model's front blocks, the predicted residual, then its back blocks;
+    and each differs from plain First Block Cache on those hits (so the test sees the method)."""
+    front, back, order, warmup, max_hits = CACHE_METHODS[method]
+    spec = _deep_toy_spec()
+    model = spec.build()
+    calls = generation_calls(spec, "default", 7)
+    policy = dict(front=front, back=back, taylor_order=order, warmup=warmup, max_hits=max_hits)
+    expected = run_reference(spec, model, calls, HUGE, **policy)
+    hits = [hit for _, hit, _ in expected]
+    assert sum(hits) >= 2 and not hits[0], hits
+    actual = run_compiled(model, spec, calls, dict(EAGER, threshold=HUGE, explain=True,
+                                                   **_method_options(front, back, order, warmup, max_hits)))
+    compare(method, expected, actual)
+    plain = run_reference(spec, model, calls, HUGE, warmup=warmup, max_hits=max_hits)
+    last_hit = max(index for index, hit in enumerate(hits) if hit)
+    assert max_error(expected[last_hit][0], plain[last_hit][0]) > 5 * TOLERANCE, "the method changed nothing"
+    report = "\n".join(backend.explanations)
+    cached = 5 - front - back
+    assert f"cached region: blocks.{front} .. blocks.{4 - back} ({cached} block{'s' if cached > 1 else ''}" in report
+    assert ("back blocks (always run)" in report) == (back > 0), report
+    assert ("TaylorSeer order" in report) == (order > 0), report
+
+
+@pytest.mark.parametrize("name", ["flux", "hunyuan_video"])
+def test_back_blocks_on_double_and_single_stream_models(name):
+    """FLUX and HunyuanVideo: one double-stream block in front, the last single-stream block at the back
+    (it reads both streams the cached block leaves), one cached block between."""
+    spec = model_spec(name)
+    model = spec.build()
+    calls = generation_calls(spec, "default", 4)
+    expected = run_reference(spec, model, calls, HUGE, back=1, taylor_order=1, warmup=2)
+    assert [hit for _, hit, _ in expected] == [False, False, True, True]
+    actual = run_compiled(model, spec, calls, dict(EAGER, threshold=HUGE, fbcache_back_blocks=1,
+                                                   fbcache_taylorseer_order=1, fbcache_warmup=2, explain=True))
+    compare(name, expected, actual)
+    report = "\n".join(backend.explanations)
+    assert "back blocks (always run): single_transformer_blocks.1 .. single_transformer_blocks.1 (1 block)" in report
+    assert "streams: 2 cached" in report, report
+
+
+def test_front_blocks_decide_with_a_middle_threshold():
+    spec = _deep_toy_spec()
+    model = spec.build()
+    calls = generation_calls(spec, "default", 6)
+    reference = dict(front=3)
+    diffs = sorted(d for _, _, d in run_reference(spec, model, calls, TINY, **reference) if d is not None)
+    threshold = math.sqrt(diffs[0] * diffs[-1])  # some calls hit, some miss
+    expected = run_reference(spec, model, calls, threshold, **reference)
+    hits = [hit for _, hit, _ in expected]
+    assert any(hits) and not all(hits[1:]), hits
+    assert all(min(abs(math.log(d / threshold)) for d in diffs) > math.log(1.3) for _ in [0]), (diffs, threshold)
+    compare("toy F3", expected, run_compiled(model, spec, calls, dict(EAGER, threshold=threshold,
+                                                                     fbcache_front_blocks=3)))
+
+
+def test_front_and_back_blocks_that_leave_nothing_to_skip_warn_and_run_without_the_cache():
+    spec = model_spec("toy")  # 3 blocks
+    model = spec.build()
+    calls = generation_calls(spec, "default", 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = run_compiled(model, spec, calls, dict(EAGER, threshold=HUGE, fbcache_front_blocks=2,
+                                                       fbcache_back_blocks=1))
+    messages = [str(w.message) for w in caught if "paracompile" in str(w.message)]
+    assert any("the block loop has 3 blocks; 2 front and 1 back block(s)" in m for m in messages), messages
+    with torch.no_grad():
+        for (inputs, _, _), (output, hit) in zip(calls, actual):
+            assert not hit
+            assert_matches(output, model(**inputs))
+
+
 def test_middle_threshold_hits_and_misses_like_the_reference():
     spec = model_spec("toy")
     model = spec.build()
@@ -430,6 +573,10 @@ def test_no_block_loop_warns_and_does_not_cache():
     ({"fbcache_max_hits": True}, r"option 'fbcache_max_hits' must be int or NoneType"),
     ({"timestep_arg": 3}, r"option 'timestep_arg' must be str"),
     ({"timestep_arg": "t-1"}, r"'timestep_arg' must name a forward argument"),
+    ({"fbcache_front_blocks": 0}, r"'fbcache_front_blocks' must be >= 1"),
+    ({"fbcache_back_blocks": -1}, r"'fbcache_back_blocks' must be >= 0"),
+    ({"fbcache_taylorseer_order": 5}, r"'fbcache_taylorseer_order' must be 0 .* to 4"),
+    ({"fbcache_taylorseer_order": 1.0}, r"option 'fbcache_taylorseer_order' must be int"),
 ])
 def test_bad_cache_options_raise(raw, message):
     with pytest.raises(ValueError, match=message):
@@ -522,7 +669,9 @@ WORLD_MODELS = ["toy", "flux", "wan_t2v"]
 # call that could hit turns the cache off on both ranks, and every call runs all blocks.
 # toy_ring, toy_batch: the other meshes (ring attention's kernels replace SDPA; the batch dim gives each rank
 # other rows, so each rank's diff alone would differ).
-WORLD_SCENARIOS = WORLD_MODELS + ["toy_ring", "toy_batch", "toy_dynamic", "toy_plans_differ"]
+# toy_dbcache: DBCache F2B1 with TaylorSeer order 1 on a 5-block toy (Ulysses, uneven shards).
+WORLD_SCENARIOS = WORLD_MODELS + ["toy_ring", "toy_batch", "toy_dynamic", "toy_dbcache", "toy_plans_differ"]
+DBCACHE_POLICY = dict(front=2, back=1, taylor_order=1, warmup=2)
 MESHES = {"toy_ring": {"ring": 2}, "toy_batch": {"batch": 2}}
 
 
@@ -559,23 +708,30 @@ def _run_world_scenarios(rank, world_size, names):
         for name in names:
             started = time.perf_counter()
             spec = model_spec(name.split("_")[0] if name.startswith("toy") else name)
+            if name == "toy_dbcache":
+                spec = _deep_toy_spec()
             model = spec.build()
-            dynamic = None
-            if name == "toy_dynamic":
+            dynamic, policy, method_options = None, {}, {}
+            if name == "toy_dbcache":
+                policy = DBCACHE_POLICY
+                method_options = _method_options(2, 1, 1, 2, None)
+                calls, threshold = generation_calls(spec, "uneven", 6), HUGE
+            elif name == "toy_dynamic":
                 calls, threshold, dynamic = _dynamic_calls(spec), HUGE, True
             else:
                 calls = generation_calls(spec, "uneven", 6)
                 if name == "toy_batch":
                     calls = _batch_of_two(calls)
                 threshold = HUGE if name == "toy_plans_differ" else middle_threshold(spec, model, calls)
-            expected = run_reference(spec, model, calls, threshold)
+            expected = run_reference(spec, model, calls, threshold, **policy)
             if name == "toy_plans_differ":
                 paracompile.cache.plan_hash = lambda signature: rank + 1.0
                 expected = [(output, False, None) for output, _, _ in run_reference(spec, model, calls, TINY)]
             reduced_shapes.clear()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                options = dict(EAGER, threshold=threshold, **({"mesh": MESHES[name]} if name in MESHES else {}))
+                options = dict(EAGER, threshold=threshold, **method_options,
+                               **({"mesh": MESHES[name]} if name in MESHES else {}))
                 actual = run_compiled(model, spec, calls, options, dynamic=dynamic)
             paracompile.cache.plan_hash = plan_hash
             results[name] = dict(expected=expected, actual=actual, threshold=threshold, reduced=list(reduced_shapes),
@@ -594,7 +750,7 @@ def world2():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", WORLD_MODELS + ["toy_ring", "toy_batch", "toy_dynamic"])
+@pytest.mark.parametrize("name", WORLD_MODELS + ["toy_ring", "toy_batch", "toy_dynamic", "toy_dbcache"])
 def test_two_ranks_take_the_same_branch_and_match_one_rank(world2, name):
     ranks = world2[name]
     for rank, result in enumerate(ranks):

@@ -74,12 +74,22 @@ class CachePlan:
     moved_to_head: list[fx.Node] = field(default_factory=list)
     timestep_index: Optional[int] = None
     timestep_name: Optional[str] = None
+    front_blocks: int = 1  # run on every call, and their residual decides
+    back_blocks: int = 0  # run on every call, after the cached region
+
+    @property
+    def cached_blocks(self) -> list:
+        return self.region.blocks[self.front_blocks:len(self.region.blocks) - self.back_blocks]
 
     def signature(self) -> str:
         """The structural choices, in words that are the same on every rank when the choices are."""
         streams = ";".join(f"{_where(s.start)}>{_where(s.end)}" for s in self.streams)
-        return (f"{self.region.describe_lists()}|{streams}|{self.hidden}|{_where(self.hidden_input)}|"
-                f"{len(self.moved_to_head)}|{self.timestep_name}")
+        return (f"{self.region.describe_lists()}|F{self.front_blocks}B{self.back_blocks}|{streams}|{self.hidden}|"
+                f"{_where(self.hidden_input)}|{len(self.moved_to_head)}|{self.timestep_name}")
+
+
+def _block_name(block) -> str:
+    return f"{dotted(block[0])}.{block[1]}"
 
 
 def _where(node: fx.Node) -> str:
@@ -88,16 +98,17 @@ def _where(node: fx.Node) -> str:
     return f"{getattr(node.target, '__name__', node.target)}@{place}"
 
 
-def _member_of(block) -> Callable[[fx.Node], bool]:
-    """Whether a node is an op of `block`: its module stack says so, or it unpacks an op of the block (the
+def _member_of(blocks: list) -> Callable[[fx.Node], bool]:
+    """Whether a node is an op of one of `blocks`: its module stack says so, or it unpacks an op of one (the
     sharding pass leaves its getitem nodes without a stack)."""
+    blocks = set(blocks)
 
     def member(node: fx.Node) -> bool:
         if node.op != "call_function":
             return False
         if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
             return member(node.args[0])
-        return block_of(node) == block
+        return block_of(node) in blocks
 
     return member
 
@@ -113,13 +124,20 @@ def _is_size_node(node: fx.Node) -> bool:
     return all(argument.op == "placeholder" or _is_size_node(argument) for argument in node.all_input_nodes)
 
 
-def plan_cache(gm: fx.GraphModule, timestep_arg: str) -> CachePlan:
+def plan_cache(gm: fx.GraphModule, timestep_arg: str, front_blocks: int = 1, back_blocks: int = 0) -> CachePlan:
+    """`front_blocks` always run and decide (1: First Block Cache; more: DBCache's Fn), `back_blocks` always
+    run after the cached region (DBCache's Bn)."""
     nodes = list(gm.graph.nodes)
     position = {node: index for index, node in enumerate(nodes)}
     region = find_block_region(nodes)
-    block0 = region.first_block
-    head_end = region.positions[block0][1]
-    region_end = region.positions[region.blocks[-1]][1]
+    count = len(region.blocks)
+    if front_blocks + back_blocks >= count:
+        raise CacheUnavailable(
+            f"the block loop has {count} blocks; {front_blocks} front and {back_blocks} back block(s) that always "
+            "run leave none to skip (fbcache_front_blocks + fbcache_back_blocks must be below the block count)")
+    front = region.blocks[:front_blocks]
+    head_end = region.positions[front[-1]][1]
+    region_end = region.positions[region.blocks[count - back_blocks - 1]][1]
 
     part: dict[fx.Node, str] = {}
     for node in nodes:
@@ -134,7 +152,7 @@ def plan_cache(gm: fx.GraphModule, timestep_arg: str) -> CachePlan:
         else:
             part[node] = TAIL
     if not any(p == REST for p in part.values()):
-        raise CacheUnavailable("nothing runs after block 0 inside the block loop")
+        raise CacheUnavailable("nothing runs between the front blocks and the back blocks of the block loop")
 
     # Rest nodes that need nothing from block work (neither a block's node nor anything computed from one)
     # can run in the head, where a hit still computes them.
@@ -185,22 +203,22 @@ def plan_cache(gm: fx.GraphModule, timestep_arg: str) -> CachePlan:
     if len({s.start for s in streams}) != len(streams):
         raise CacheUnavailable("two values read after the block loop come from the same stream after block 0")
 
-    in_block0 = _member_of(block0)
+    in_front = _member_of(front)
     hidden = _hidden_stream(streams)
     out0 = streams[hidden].start
-    if not in_block0(out0):
+    if not in_front(out0):
         raise CacheUnavailable(f"the stream that feeds the output ({describe_node(out0)}) does not pass through "
-                               "block 0, so block 0's residual says nothing about it")
-    inputs = [s for s, added in residual_sources(out0, stop=lambda n: not in_block0(n)) if added]
+                               "the front blocks, so their residual says nothing about it")
+    inputs = [s for s, added in residual_sources(out0, stop=lambda n: not in_front(n)) if added]
     if len(inputs) != 1:
-        raise CacheUnavailable(f"cannot tell block 0's input on the stream {describe_node(out0)} "
+        raise CacheUnavailable(f"cannot tell the front blocks' input on the stream {describe_node(out0)} "
                                f"(found {[describe_node(s) for s in inputs]})")
 
     carried = []
     for node in nodes:
-        if part.get(node) == HEAD and in_block0(node) and is_tensor(node) and \
+        if part.get(node) == HEAD and in_front(node) and is_tensor(node) and \
                 any(part.get(user) == REST for user in node.users) and \
-                any(added for _, added in residual_sources(node, stop=lambda n: not in_block0(n))):
+                any(added for _, added in residual_sources(node, stop=lambda n: not in_front(n))):
             carried.append(node)
 
     for node in nodes:
@@ -213,7 +231,7 @@ def plan_cache(gm: fx.GraphModule, timestep_arg: str) -> CachePlan:
 
     timestep_index, timestep_name = _find_timestep(nodes, timestep_arg)
     return CachePlan(region, part, streams, hidden, inputs[0], carried, size_substitutes, moved,
-                     timestep_index, timestep_name)
+                     timestep_index, timestep_name, front_blocks, back_blocks)
 
 
 def _move_to_head(node: fx.Node, part: dict, moved: list) -> None:
@@ -409,17 +427,27 @@ class _PartBuilder:
 
 
 def describe_plan(plan: CachePlan, options: Options) -> list[str]:
+    predictor = ("reuse the residual cached at the slot's last miss" if options.fbcache_taylorseer_order == 0 else
+                 f"TaylorSeer order {options.fbcache_taylorseer_order} (the residual extrapolated from the slot's "
+                 "last misses)")
     lines = [f"first block cache: threshold {options.threshold:g}, warmup {options.fbcache_warmup}, max hits in a "
-             f"row {'unlimited' if options.fbcache_max_hits is None else options.fbcache_max_hits}"]
+             f"row {'unlimited' if options.fbcache_max_hits is None else options.fbcache_max_hits}",
+             f"  on a hit: {predictor}"]
     region = plan.region
-    block0 = region.first_block
-    last = region.blocks[-1]
     lines.append(f"  block loop: {region.describe_lists()}")
-    lines.append(f"  first block (always runs): {dotted(block0[0])}.{block0[1]}")
-    second = region.blocks[1]
-    skipped = len(region.blocks) - 1
-    lines.append(f"  cached region: {dotted(second[0])}.{second[1]} .. {dotted(last[0])}.{last[1]} "
-                 f"({skipped} block{'s' if skipped != 1 else ''}, skipped on a hit)")
+    front = region.blocks[:plan.front_blocks]
+    if len(front) == 1:
+        lines.append(f"  first block (always runs): {_block_name(front[0])}")
+    else:
+        lines.append(f"  front blocks (always run, their residual decides): {_block_name(front[0])} .. "
+                     f"{_block_name(front[-1])} ({len(front)} blocks)")
+    cached = plan.cached_blocks
+    lines.append(f"  cached region: {_block_name(cached[0])} .. {_block_name(cached[-1])} "
+                 f"({len(cached)} block{'s' if len(cached) != 1 else ''}, skipped on a hit)")
+    if plan.back_blocks:
+        back = region.blocks[len(region.blocks) - plan.back_blocks:]
+        lines.append(f"  back blocks (always run): {_block_name(back[0])} .. {_block_name(back[-1])} "
+                     f"({len(back)} block{'s' if len(back) != 1 else ''})")
     cached_starts = {s.start for s in plan.streams}
     lines.append(f"  streams: {len(plan.streams)} cached")
     for index, stream in enumerate(plan.streams):
@@ -461,7 +489,7 @@ def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, opt
     gm = aten_graph_with_values(gm, example_inputs, keep_guards=options.compiler != "eager")
 
     try:
-        plan = plan_cache(gm, options.timestep_arg)
+        plan = plan_cache(gm, options.timestep_arg, options.fbcache_front_blocks, options.fbcache_back_blocks)
     except CacheUnavailable as error:
         warnings.warn(f"paracompile: threshold {options.threshold:g} but no First Block Cache for this graph: "
                       f"{error}; compiling it without the cache", stacklevel=2)
@@ -485,7 +513,8 @@ def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, opt
     signature = plan.signature()
     # The model's state is found by its first weight (the runtime's lookup) and this key: the block loop and
     # the cache options, the same for every graph Dynamo compiles of the model's forward.
-    state_key = (plan.region.describe_lists(), options.threshold, options.fbcache_warmup, options.fbcache_max_hits)
+    state_key = (plan.region.describe_lists(), options.threshold, options.fbcache_warmup, options.fbcache_max_hits,
+                 options.fbcache_front_blocks, options.fbcache_back_blocks, options.fbcache_taylorseer_order)
     cache = FirstBlockCache(parts[HEAD], parts[REST], parts[TAIL], split, options, plan.timestep_index,
                             data_inputs, weights[0] if weights else None, state_key, signature, description=report)
     return cache
