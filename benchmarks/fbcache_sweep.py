@@ -97,6 +97,11 @@ def main() -> None:
     # Compile every setup first (each its own torch.compile; Dynamo keeps one entry per backend), then time
     # the runs interleaved, setup after setup, so that a machine whose load drifts slows all alike.
     models, first_call = [], []
+    # Every setup is its own torch.compile of one forward: Dynamo's per-code-object limit (8) would send the
+    # later setups to plain eager without a word.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(setups) + 1)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           4 * len(setups))
     for method, threshold in setups:
         models.append(torch.compile(transformer, backend="paracompile", options={
             "mesh": {"ulysses": world_size}, "compiler": compiler, "threshold": threshold,
@@ -127,6 +132,9 @@ def main() -> None:
     rows = []
     for i, (method, threshold) in enumerate(setups):
         hits, calls = hit_counts[i][-1]
+        if threshold > 0 and calls != args.steps:
+            raise RuntimeError(f"{method} at threshold {threshold}: the cache counted {calls} calls of {args.steps} "
+                               "(did the setup run without the cache?)")
         if threshold == 0:
             hits, calls = 0, args.steps  # no cache: every call runs every block
         row = dict(method=method, options=METHODS.get(method, {}), threshold=threshold, hits=hits, calls=calls,
