@@ -16,6 +16,7 @@ bounded registry of reports (`explanations`, `rewritten_graphs`).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections import deque
@@ -35,7 +36,7 @@ from paracompile.passes.shard_tokens import shard_tokens
 from paracompile.passes.sharding_plan import attention_nodes, self_attention_head_counts
 from paracompile.passes.trace_to_aten import aten_graph_with_values, trace_to_aten
 from paracompile.passes.ulysses_attention import SequenceAttention
-from paracompile.runtime import InputCheck, guarded, model_state_positions
+from paracompile.runtime import InputCheck, guarded, model_state_positions, trainable
 
 logger = logging.getLogger("paracompile")
 
@@ -60,14 +61,24 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
     aten_graph = trace_to_aten(gm, example_inputs)
     check = InputCheck([node.target for node in aten_graph.graph.nodes if node.op == "placeholder"],
                        example_inputs, parsed.check_inputs)
-    no_backward = _NO_BACKWARD_ON_MESH.format(world=plan.world_size)
+    training = torch.is_grad_enabled() and any(
+        isinstance(value, torch.Tensor) and value.requires_grad for value in example_inputs)
     if not attention_nodes(aten_graph.graph):
         warnings.warn("paracompile: the graph has no scaled_dot_product_attention; nothing to parallelise, "
                       "compiling it replicated on every rank", stacklevel=2)
+        untrainable = untrainable_because(None, parsed) if training else None
+        if training and untrainable is None:  # replicated everywhere: the same convention, no collective
+            scale_output_grads(aten_graph, aten_graph, 1.0 / plan.world_size)
+            return trainable(compile_graph(aten_graph, example_inputs, parsed), check)
         with torch.no_grad():
-            return guarded(compile_graph(aten_graph, example_inputs, parsed), no_backward, check)
+            return guarded(compile_graph(aten_graph, example_inputs, parsed), _no_backward(untrainable), check)
 
     plan = resolve_auto(plan, self_attention_head_counts(aten_graph.graph))
+    untrainable = untrainable_because(plan, parsed) if training else None
+    no_backward = _no_backward(untrainable)
+    trains = training and untrainable is None
+    if trains:
+        plan = differentiable_plan(plan)
     report = Report(world=plan.describe())
     sharded = aten_graph
     if plan.batch is not None:
@@ -86,22 +97,75 @@ def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optio
     if plan.ring is not None or plan.batch is not None:
         report.notes.append(f"process groups: {plan.describe_groups()}")
     report.notes.append(describe_added_ops(aten_graph.graph, sharded.graph))
+    if trains:
+        scale_output_grads(sharded, aten_graph, 1.0 / plan.world_size)
+        report.notes.append(f"compiled to train: collectives with a backward, output gradients divided by "
+                            f"{plan.world_size} and input gradients summed over the ranks (differentiable.py)")
+    elif training:
+        report.notes.append(f"forward only ({untrainable}): backward raises")
     if parsed.compiler == "inductor":
         report.notes.append(describe_overlap(attention_kinds(sharded), parsed))
     explanations.append(report.format())
     rewritten_graphs.append(sharded)
     if parsed.explain:
         report.emit()
+    if trains:
+        return trainable(compile_graph(sharded, example_inputs, parsed), check)
     # Compiled for inference: the graph runs without autograd history (see runtime.guarded).
     with torch.no_grad():
         return guarded(compile_graph(sharded, example_inputs, parsed), no_backward, check)
 
 
-_NO_BACKWARD_ON_MESH = (
-    "paracompile: backward through a graph compiled for {world} ranks is not supported yet: the gradients "
-    "would not be exact (each rank holds only its token shard's share). Run inference under torch.no_grad() "
-    "or torch.inference_mode(); to train, compile without a process group (one rank: plain Inductor, exact "
-    "gradients)")
+def untrainable_because(plan, options: Options) -> Optional[str]:
+    """Why a graph compiled with grad mode on cannot have exact gradients (None: it can); such a graph runs
+    forward-only and its backward raises with this reason. `plan` None: the graph has no attention."""
+    if plan is not None and plan.ring is not None:
+        return "ring attention has no backward yet (train with Ulysses or batch meshes: mesh={'ulysses': n})"
+    if options.threshold > 0:
+        return "First Block Cache (threshold > 0) reuses residuals of earlier calls; set threshold to 0 to train"
+    if options.cuda_graphs:
+        return "the CUDA graphs replay the forward only; turn cuda_graphs off to train"
+    if options.compile_blocks:
+        return "compile_blocks compiles the blocks for inference; turn it off to train"
+    return None
+
+
+def differentiable_plan(plan):
+    """The mesh plan with every group emitting collectives that have a backward (differentiable.py)."""
+    groups = {name: dataclasses.replace(group, differentiable=True)
+              for name in ("batch", "ring", "ulysses", "sequence")
+              if (group := getattr(plan, name)) is not None}
+    return dataclasses.replace(plan, **groups)
+
+
+def scale_output_grads(gm: fx.GraphModule, original: fx.GraphModule, factor: float) -> None:
+    """Every floating-point output of `gm` through `paracompile.scale_grad`: each rank holds the full gradient
+    of the replicated output, and the backward convention wants a partial (differentiable.py). Which outputs
+    are floating point, the original graph's values say (the rewrite's new nodes carry none)."""
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    original_output = next(node for node in reversed(original.graph.nodes) if node.op == "output")
+    examples = iter([node.meta.get("val") if isinstance(node, fx.Node) else node
+                     for node in torch.utils._pytree.tree_leaves(original_output.args[0])])
+
+    def scaled(value):
+        example = next(examples)
+        if not isinstance(value, fx.Node) or not isinstance(example, torch.Tensor) or not example.is_floating_point():
+            return value
+        with gm.graph.inserting_before(output):
+            node = gm.graph.call_function(torch.ops.paracompile.scale_grad.default, (value, factor))
+        node.meta["val"] = example
+        return node
+
+    leaves, spec = torch.utils._pytree.tree_flatten(output.args[0])
+    output.args = (torch.utils._pytree.tree_unflatten([scaled(leaf) for leaf in leaves], spec),)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _no_backward(reason: Optional[str]) -> str:
+    return f"paracompile: backward through this graph is not supported yet: {reason or 'it was compiled without grad mode'}"
+
+
 _NO_BACKWARD_WITH_GRAPHS = (
     "paracompile: backward through CUDA graphs (cuda_graphs=True or mode='reduce-overhead') is not supported: "
     "the graphs replay the forward only. Turn them off to train")

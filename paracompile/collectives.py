@@ -2,7 +2,8 @@
 
 Every function here emits nodes through a GraphBuilder and works for uneven segment lengths, including
 ranks that hold no tokens of a segment. Collectives are functional collectives (`_c10d_functional`), so
-they stay visible to Inductor, which can schedule them against compute.
+they stay visible to Inductor, which can schedule them against compute; in a graph compiled to train (a
+group marked `differentiable`), they are paracompile's collectives with a backward (differentiable.py).
 
 Padded rank-major order: to exchange shards of unequal length, each rank pads its piece of segment j to
 chunk_j = ceil(length_j / ranks) tokens. A tensor that holds every rank's padded shard, rank after rank,
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from paracompile.differentiable import OPS as differentiable
 from paracompile.graph_builder import GraphBuilder, GraphSize
 from paracompile.passes.token_layout import TokenLayout, known_divisible
 
@@ -29,6 +31,8 @@ class ProcessGroupInfo:
     size: int
     rank: int
     group_name: str
+    # Emit collectives with a backward (paracompile/differentiable.py): the graph is compiled to train.
+    differentiable: bool = False
 
 
 class SegmentArithmetic:
@@ -185,14 +189,19 @@ def gather(builder: GraphBuilder, tensor: fx.Node, ndim: int, layout: TokenLayou
     padded = pad_to_chunks(builder, tensor, ndim, layout, group)
     leading = builder.call(aten.movedim.int, padded, layout.dim, 0) if layout.dim != 0 else padded
     leading = builder.call(aten.contiguous.default, leading)
-    gathered = builder.call(functional.all_gather_into_tensor.default, leading, group.size, group.group_name)
-    gathered = builder.call(functional.wait_tensor.default, gathered)
+    if group.differentiable:
+        gathered = builder.call(differentiable.all_gather.default, leading, group.size, group.group_name)
+    else:
+        gathered = builder.call(functional.all_gather_into_tensor.default, leading, group.size, group.group_name)
+        gathered = builder.call(functional.wait_tensor.default, gathered)
     ordered = rank_major_to_global(builder, gathered, layout.at_dim(0), group)
     return builder.call(aten.movedim.int, ordered, 0, layout.dim) if layout.dim != 0 else ordered
 
 
 def all_reduce_sum(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo) -> fx.Node:
     """Every rank's partial sum -> the full sum on every rank (one all-reduce)."""
+    if group.differentiable:
+        return builder.call(differentiable.all_reduce.default, tensor, group.group_name)
     reduced = builder.call(functional.all_reduce.default, tensor, "sum", group.group_name)
     return builder.call(functional.wait_tensor.default, reduced)
 
@@ -231,6 +240,8 @@ def send_to_next_rank(builder: GraphBuilder, tensor: fx.Node, group: ProcessGrou
     Returns the collective's pending result: `wait_tensor` it later, after the compute it should overlap.
     One all_to_all_single with a single non-empty split each way is a permute that works on every
     backend (gloo included) and on tensors of any shape (the splits count slices of a new leading dim)."""
+    if group.differentiable:
+        raise NotImplementedError("paracompile: ring attention has no backward yet")
     destination, source = (group.rank + 1) % group.size, (group.rank - 1) % group.size
     send = [1 if rank == destination else 0 for rank in range(group.size)]
     receive = [1 if rank == source else 0 for rank in range(group.size)]
@@ -247,10 +258,14 @@ def start_all_to_all(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroup
     rank i); returns the pending result for `finish_all_to_all`, after the compute it should overlap."""
     tensor = builder.call(aten.contiguous.default, tensor)
     splits = [1] * group.size
+    if group.differentiable:  # synchronous: the result is final, finish_all_to_all leaves it as it is
+        return builder.call(differentiable.all_to_all.default, tensor, splits, splits, group.group_name)
     return builder.call(functional.all_to_all_single.default, tensor, splits, splits, group.group_name)
 
 
 def finish_all_to_all(builder: GraphBuilder, pending: fx.Node) -> fx.Node:
+    if pending.target is differentiable.all_to_all.default:
+        return pending
     return builder.call(functional.wait_tensor.default, pending)
 
 

@@ -238,6 +238,28 @@ class ForwardOnly(torch.autograd.Function):
         raise RuntimeError(ctx.reason)
 
 
+def trainable(compiled: Callable, check: Optional[InputCheck] = None) -> Callable:
+    """`compiled` (a graph compiled to train) with the input check before every call, and the partial
+    gradients of its replicated inputs summed over the ranks in backward (differentiable.SumGradsOverRanks)."""
+    from paracompile.differentiable import SumGradsOverRanks
+
+    def run(*args):
+        if check is not None:
+            with torch.no_grad():
+                check.maybe_check(args)
+        if not torch.is_grad_enabled():
+            return compiled(*args)
+        positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+        if not positions:
+            return compiled(*args)
+        args = list(args)
+        for position, tensor in zip(positions, SumGradsOverRanks.apply(*[args[i] for i in positions])):
+            args[position] = tensor
+        return compiled(*args)
+
+    return run
+
+
 def guarded(compiled: Callable, reason: str, check: Optional[InputCheck] = None) -> Callable:
     """`compiled` with the input check before every call, and with a backward that raises `reason`."""
 

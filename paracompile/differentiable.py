@@ -1,0 +1,133 @@
+"""Collectives with a backward, for graphs compiled to train (`loss.backward()` through a mesh).
+
+Invariant (the gradient convention): in backward, a *sharded* tensor's gradient on a rank is the exact
+gradient of its shard, and a *replicated* tensor's gradient on a rank is a partial: the sum over the ranks
+of those partials is the exact gradient. Every op of the rewritten graph keeps this: an op on a shard or a
+replicated op is linear in its incoming gradient, so plain autograd keeps it; slicing a replicated tensor
+into a shard scatters the shard's exact gradient into zeros (a partial) by itself; and each collective
+below has the backward that keeps it:
+
+- all-gather (shard -> replicated): backward reduce-scatters the partials, so each shard gets the sum;
+- all-reduce of partial sums (a contraction over tokens -> replicated): backward all-reduces the partials,
+  since every rank's summand needs the full gradient;
+- all-to-all (shard -> shard, Ulysses): backward sends every gradient back where its value came from;
+- `scale_grad` at the graph's outputs: every rank computes the same loss from the same replicated output, so
+  each holds the full gradient of it; divided by the number of ranks that hold it, it becomes a partial.
+
+At the inputs, the partials of every replicated input (weights, and data inputs that require grad) are
+summed over the ranks by `SumGradsOverRanks` (one all-reduce for all of them), so every rank ends with the
+same exact gradients, as single-process autograd gives them.
+
+These are custom ops (`torch.ops.paracompile.*`) with their autograd registered, so the eager graph and
+AOTAutograd (Inductor) both differentiate them. Each runs its collective eagerly inside the op: Inductor
+sees an opaque kernel, not a functional collective, so nothing overlaps with compute in a training graph
+(inference graphs keep the functional collectives, visible to Inductor).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+functional = torch.ops._c10d_functional
+
+
+@torch.library.custom_op("paracompile::all_gather", mutates_args=())
+def all_gather(tensor: torch.Tensor, group_size: int, group_name: str) -> torch.Tensor:
+    """Every rank's tensor, concatenated along dim 0 in rank order."""
+    return functional.wait_tensor(functional.all_gather_into_tensor(tensor.contiguous(), group_size, group_name))
+
+
+@all_gather.register_fake
+def _(tensor, group_size, group_name):
+    return tensor.new_empty((tensor.shape[0] * group_size, *tensor.shape[1:]))
+
+
+@torch.library.custom_op("paracompile::reduce_scatter", mutates_args=())
+def reduce_scatter(tensor: torch.Tensor, group_size: int, group_name: str) -> torch.Tensor:
+    """The sum over the ranks of `tensor`, of which this rank keeps its block of dim 0."""
+    return functional.wait_tensor(functional.reduce_scatter_tensor(tensor.contiguous(), "sum", group_size, group_name))
+
+
+@reduce_scatter.register_fake
+def _(tensor, group_size, group_name):
+    return tensor.new_empty((tensor.shape[0] // group_size, *tensor.shape[1:]))
+
+
+@torch.library.custom_op("paracompile::all_reduce", mutates_args=())
+def all_reduce(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
+    return functional.wait_tensor(functional.all_reduce(tensor.contiguous(), "sum", group_name))
+
+
+@all_reduce.register_fake
+def _(tensor, group_name):
+    return torch.empty_like(tensor, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("paracompile::all_to_all", mutates_args=())
+def all_to_all(tensor: torch.Tensor, output_splits: list[int], input_splits: list[int],
+               group_name: str) -> torch.Tensor:
+    """Block i of dim 0 (sized by `input_splits`) goes to rank i; what rank i sent lands in block i of the
+    result (sized by `output_splits`)."""
+    return functional.wait_tensor(functional.all_to_all_single(tensor.contiguous(), output_splits, input_splits,
+                                                               group_name))
+
+
+@all_to_all.register_fake
+def _(tensor, output_splits, input_splits, group_name):
+    return tensor.new_empty((sum(output_splits), *tensor.shape[1:]))
+
+
+@torch.library.custom_op("paracompile::scale_grad", mutates_args=())
+def scale_grad(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """`tensor` itself (a copy); its gradient is multiplied by `factor`."""
+    return tensor.clone()
+
+
+@scale_grad.register_fake
+def _(tensor, factor):
+    return torch.empty_like(tensor)
+
+
+def _setup_group(ctx, inputs, output):
+    ctx.arguments = inputs[1:]
+
+
+all_gather.register_autograd(lambda ctx, grad: (reduce_scatter(grad, *ctx.arguments), None, None),
+                             setup_context=_setup_group)
+reduce_scatter.register_autograd(lambda ctx, grad: (all_gather(grad, *ctx.arguments), None, None),
+                                 setup_context=_setup_group)
+all_reduce.register_autograd(lambda ctx, grad: (all_reduce(grad, *ctx.arguments), None),
+                             setup_context=_setup_group)
+all_to_all.register_autograd(
+    lambda ctx, grad: (all_to_all(grad, ctx.arguments[1], ctx.arguments[0], ctx.arguments[2]), None, None, None),
+    setup_context=_setup_group)
+scale_grad.register_autograd(lambda ctx, grad: (grad * ctx.arguments[0], None), setup_context=_setup_group)
+
+
+class SumGradsOverRanks(torch.autograd.Function):
+    """The identity on replicated inputs; in backward, their partial gradients summed over every rank in one
+    all-reduce (see the module docstring), so every rank holds the exact gradients."""
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        return tuple(tensor.view_as(tensor) for tensor in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        present = [grad for grad in grads if grad is not None]
+        if not present:
+            return grads
+        dtype = torch.float64 if any(grad.dtype == torch.float64 for grad in present) else torch.float32
+        flat = torch.cat([grad.reshape(-1).to(dtype) for grad in present])
+        dist.all_reduce(flat)
+        summed, offset = [], 0
+        for grad in grads:
+            if grad is None:
+                summed.append(None)
+                continue
+            summed.append(flat[offset:offset + grad.numel()].view_as(grad).to(grad.dtype))
+            offset += grad.numel()
+        return tuple(summed)
+
+
+OPS = torch.ops.paracompile  # the ops above, as graph nodes name them (`OPS.all_gather.default`)
