@@ -34,6 +34,7 @@ from paracompile.passes.first_block_cache import compile_with_first_block_cache
 from paracompile.passes.shard_batch import shard_batch
 from paracompile.passes.shard_tokens import shard_tokens
 from paracompile.passes.sharding_plan import attention_nodes, self_attention_head_counts
+from paracompile.passes.subclass_inputs import flatten_subclasses, has_subclasses
 from paracompile.passes.trace_to_aten import aten_graph_with_values, trace_to_aten
 from paracompile.passes.ulysses_attention import SequenceAttention
 from paracompile.runtime import InputCheck, guarded, model_state_positions, trainable
@@ -50,15 +51,27 @@ rewritten_graphs: deque = deque(maxlen=8)
 def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None) -> Callable:
     parsed = parse_options(options)
     plan = resolve_mesh(parsed.mesh)
+    if plan.world_size == 1 and parsed.threshold == 0 and not parsed.cuda_graphs and not parsed.compile_blocks:
+        return compile_graph(gm, example_inputs, parsed)  # plain Inductor: exact gradients included
+    if has_subclasses(example_inputs):
+        # A tensor-subclass input (a torchao quantized weight) is traced as its inner tensors, so the passes
+        # and compilers below see plain tensors only (passes/subclass_inputs.py); each call's subclass
+        # arguments are flattened the same way.
+        compiled = compile_traced(trace_to_aten(gm, example_inputs), flatten_subclasses(example_inputs)[0],
+                                  parsed, plan)
+        return lambda *args: compiled(*flatten_subclasses(args)[0])
+    return compile_traced(gm, example_inputs, parsed, plan)
+
+
+def compile_traced(gm: fx.GraphModule, example_inputs: list, parsed: Options, plan) -> Callable:
+    """The backend past plain Inductor, for Dynamo's graph or its aten trace (trace_to_aten)."""
     if plan.world_size == 1:
-        if parsed.threshold == 0 and not parsed.cuda_graphs and not parsed.compile_blocks:
-            return compile_graph(gm, example_inputs, parsed)  # plain Inductor: exact gradients included
         with torch.no_grad():
             compiled = compile_graph(gm, example_inputs, parsed)
         return guarded(compiled, _NO_BACKWARD_WITH_CACHE if parsed.threshold > 0 else
                        _NO_BACKWARD_WITH_GRAPHS if parsed.cuda_graphs else _NO_BACKWARD_BY_BLOCK)
 
-    aten_graph = trace_to_aten(gm, example_inputs)
+    aten_graph = aten_graph_with_values(gm, example_inputs, keep_guards=True)
     check = InputCheck([node.target for node in aten_graph.graph.nodes if node.op == "placeholder"],
                        example_inputs, parsed.check_inputs)
     training = torch.is_grad_enabled() and any(

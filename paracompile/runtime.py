@@ -24,7 +24,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 # Relative tolerance of the sums: identical inputs give identical sums; a sum that differs by more than
@@ -158,20 +157,8 @@ def _sums(entries, device: torch.device) -> torch.Tensor:
     return torch.nan_to_num(torch.cat([p.to(device) for p in parts]), nan=1e300, posinf=1e299, neginf=-1e299)
 
 
-def plain_tensors(entries):
-    """(name, tensor) pairs with tensor subclasses (a torchao quantized weight) replaced by the plain tensors
-    they hold (`weight.qdata`, `weight.scale`): a subclass need not implement the sums the check takes."""
-    for name, tensor in entries:
-        if is_traceable_wrapper_subclass(tensor):
-            attributes, _ = tensor.__tensor_flatten__()
-            yield from plain_tensors((f"{name}.{attribute}", getattr(tensor, attribute)) for attribute in attributes)
-        else:
-            yield name, tensor
-
-
 def verify_same_on_every_rank(entries: list) -> None:
     """Raises RanksDisagreeError on every rank when the ranks' `entries` ((name, tensor) pairs) differ."""
-    entries = list(plain_tensors(entries))
     device = collective_device()
     structure = _structure(entries)
     digest = _structure_hash(structure)

@@ -56,14 +56,3 @@ def test_the_description_names_the_first_input_that_differs():
     assert "rank 0 has inputs ['latents', 'timestep'] and rank 1 has ['latents']" in names
     assert issubclass(RanksDisagreeError, RuntimeError)
 
-
-def test_a_tensor_subclass_input_is_fingerprinted_through_its_inner_tensors():
-    """A torchao quantized weight implements few ops (no sum): the check reads the plain tensors it holds."""
-    from torch.testing._internal.two_tensor import TwoTensor
-
-    from paracompile.runtime import _sums, plain_tensors
-
-    weight = TwoTensor(torch.tensor([1.0, -2.0]), torch.tensor([3.0, 4.0]))
-    entries = list(plain_tensors([("w", weight), ("x", torch.ones(2))]))
-    assert [name for name, _ in entries] == ["w.a", "w.b", "x"]
-    assert _sums(entries, torch.device("cpu")).tolist() == [-1.0, 3.0, 7.0, 7.0, 2.0, 2.0]

@@ -373,6 +373,13 @@ def reduction(view: OpView) -> Optional[Sharding]:
     return Sharding(output, {"self": layout})
 
 
+# `max.other` and `min.other` (torch.max(a, b)) are elementwise, not reductions: the overloads of the two
+# packets above that take a second tensor (a per-token activation scale's clamp at zero, in torchao's
+# decomposed choose_qparams_affine).
+rule(aten.max.other, aten.min.other,
+     declines_when="its inputs carry the token axis on dims that do not line up")(pointwise)
+
+
 _CONTRACTION = ("it contracts over the token axis of one operand only, or both operands are sharded along "
                 "dims it does not contract")
 
@@ -399,7 +406,7 @@ def matmul(view: OpView) -> Optional[Sharding]:
     return contraction_over_tokens(left, right, left_ndim, right_ndim, ("self", "other"))
 
 
-@rule(aten.mm, aten.bmm, declines_when=_CONTRACTION)
+@rule(aten.mm, aten.bmm, aten._int_mm, declines_when=_CONTRACTION)
 def matrix_product(view: OpView) -> Optional[Sharding]:
     left, right = view.layout("self"), view.layout("mat2")
     ndim = len(view.out_shape)
