@@ -131,9 +131,8 @@ def compile_traced(gm: fx.GraphModule, example_inputs: list, parsed: Options, pl
 
 def untrainable_because(plan, options: Options) -> Optional[str]:
     """Why a graph compiled with grad mode on cannot have exact gradients (None: it can); such a graph runs
-    forward-only and its backward raises with this reason. `plan` None: the graph has no attention."""
-    if plan is not None and plan.ring is not None:
-        return "ring attention has no backward yet (train with Ulysses or batch meshes: mesh={'ulysses': n})"
+    forward-only and its backward raises with this reason. `plan` None: the graph has no attention. (Ring
+    meshes train with their keys and values gathered: ulysses_attention.SequenceAttention.plan.)"""
     if options.threshold > 0:
         return "First Block Cache (threshold > 0) reuses residuals of earlier calls; set threshold to 0 to train"
     if options.cuda_graphs:

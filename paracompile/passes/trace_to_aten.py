@@ -28,7 +28,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from paracompile.passes.fake_propagation import propagate_fake_values, remember_scalar_reads
 from paracompile.meta import EXAMPLE_VALUE
 from paracompile.passes.out_of_place import writes_out_of_place
-from paracompile.passes.subclass_inputs import Unflatten, flatten_subclasses
+from paracompile.passes.subclass_inputs import Unflatten, flatten_subclasses, has_subclasses
 
 
 def trace_to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
@@ -47,8 +47,9 @@ def trace_to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
         return torch.fx.Interpreter(gm).run(*inputs)
 
     with fx_traceback.preserve_node_meta():
+        decompositions = custom_op_decompositions() if has_subclasses(fake_inputs) or _calls_custom_ops(gm) else {}
         traced = make_fx(run, pre_dispatch=True, tracing_mode="symbolic",
-                         decomposition_table=custom_op_decompositions())(*flat_inputs)
+                         decomposition_table=decompositions)(*flat_inputs)
     for node, name in zip((n for n in traced.graph.nodes if n.op == "placeholder"), names):
         node.target = name
     writes_out_of_place(traced.graph)  # `y += bias` on a temporary: no write the token pass must follow
@@ -56,6 +57,16 @@ def trace_to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
     remember_scalar_reads(traced)  # on the fake values the graph's placeholders keep, for later propagations
     traced.graph.lint()
     return traced
+
+
+def _calls_custom_ops(gm: fx.GraphModule) -> bool:
+    """Whether Dynamo's graph calls an op outside aten and prims itself (a quantized weight's ops run inside
+    its subclass, and show only once it is traced as its inner tensors)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            if node.target._qualified_op_name.split("::")[0] not in ("aten", "prims"):
+                return True
+    return False
 
 
 def custom_op_decompositions() -> dict:
