@@ -94,3 +94,22 @@ def test_a_write_nothing_reads_afterwards_runs_out_of_place():
     assert _written_out_of_place(dead, x)
     assert not _written_out_of_place(base_read_later, x)
     assert not _written_out_of_place(into_input, x)
+
+
+def test_a_graph_calling_an_aten_overload_is_not_taken_for_custom_ops():
+    """Dynamo's graphs call op packets, but an overload where it captured an aten call itself (data-dependent
+    ops under `capture_dynamic_output_shape_ops`); overloads have no `_qualified_op_name`."""
+    import paracompile.differentiable  # noqa: F401 (registers the paracompile:: ops)
+    from paracompile.passes.trace_to_aten import _calls_custom_ops
+
+    def graph_calling(*targets):
+        graph = torch.fx.Graph()
+        value = graph.placeholder("x")
+        for target in targets:
+            value = graph.call_function(target, (value,))
+        graph.output(value)
+        return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+    assert not _calls_custom_ops(graph_calling(aten.relu.default, aten.nonzero, torch.relu))
+    assert _calls_custom_ops(graph_calling(aten.relu.default, torch.ops.paracompile.scale_grad.default))
+    assert _calls_custom_ops(graph_calling(torch.ops.paracompile.scale_grad))

@@ -63,10 +63,20 @@ def _calls_custom_ops(gm: fx.GraphModule) -> bool:
     """Whether Dynamo's graph calls an op outside aten and prims itself (a quantized weight's ops run inside
     its subclass, and show only once it is traced as its inner tensors)."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-            if node.target._qualified_op_name.split("::")[0] not in ("aten", "prims"):
-                return True
+        if node.op == "call_function" and _op_namespace(node.target) not in (None, "aten", "prims"):
+            return True
     return False
+
+
+def _op_namespace(target) -> "str | None":
+    """An op's namespace; Dynamo's graphs call packets (`torch.ops.ns.op`) and, where it captured an aten
+    call directly (data-dependent ops under `capture_dynamic_output_shape_ops`), overloads: only packets
+    have `_qualified_op_name`."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target.namespace
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name.split("::")[0]
+    return None
 
 
 def custom_op_decompositions() -> dict:
