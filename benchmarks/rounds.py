@@ -153,6 +153,17 @@ def make_setup(name: str, model_for, world: int, args, device):
     raise ValueError(f"unknown setup {name!r}")
 
 
+def quantized(model, scheme: str):
+    """`model` quantized in place with torchao (`--quantize`): float8 dynamic activation + float8 weight."""
+    if scheme == "none":
+        return model
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+
+    granularity = PerRow() if scheme == "float8_row" else PerTensor()
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=granularity))
+    return model
+
+
 class StallWatchdog:
     """Prints this rank's Python stacks when it made no progress (no setup call began) for `seconds`, and
     again every `seconds` while the stall lasts. A Python thread that holds the GIL while it reads the
@@ -248,6 +259,9 @@ def main() -> None:
                         "shows where each rank waits)")
     parser.add_argument("--trace", default="", help="comma list of setups whose profile is saved as a Chrome trace "
                         "(--out/trace_<setup>.json.gz) and read for idle gaps (benchmarks/gaps.py)")
+    parser.add_argument("--quantize", default="none", choices=["none", "float8", "float8_row"],
+                        help="quantize every model with torchao first: float8 dynamic activation + float8 weight, "
+                        "per-tensor scales (para-attn's FLUX recipe) or per-row")
     parser.add_argument("--fake-world", type=int, default=0,
                         help="run alone as rank 0 of a world of this size whose collectives move no data (torch's fake "
                         "process group): rank 0's compute of a multi-rank setup on one GPU. Its times are no step "
@@ -276,7 +290,7 @@ def main() -> None:
 
     def model_for(key: str):
         if key not in models:
-            models[key] = build_model(spec, device, dtype)
+            models[key] = quantized(build_model(spec, device, dtype), args.quantize)
         return models[key]
 
     def sync():
@@ -383,7 +397,11 @@ def main() -> None:
         meta = dict(versions(), device=torch.cuda.get_device_name(device) if cuda else "cpu", world_size=world,
                     workload=spec["description"], date=datetime.date.today().isoformat(),
                     command=f"torchrun --nproc_per_node={world} " + " ".join(shlex.quote(a) for a in sys.argv),
-                    rounds=args.rounds, steps_per_round=args.steps)
+                    rounds=args.rounds, steps_per_round=args.steps, quantize=args.quantize)
+        if args.quantize != "none":
+            import torchao
+
+            meta.update(torchao=torchao.__version__)
         if args.fake_world:
             meta.update(command="python " + " ".join(shlex.quote(a) for a in sys.argv),
                         fake_world=f"one process as rank 0 of {world}; collectives move no data: rank 0's compute "
@@ -392,7 +410,9 @@ def main() -> None:
         machine = f"{meta['device']} x1, rank 0 of a fake world of {world}" if args.fake_world else f"{meta['device']} x{world}"
         lines = [f"# {args.workload}: interleaved rounds, {machine}", "",
                  *([f"**Fake process group:** {meta['fake_world']}.", ""] if args.fake_world else []),
-                 f"{meta['workload']}; torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['date']}; "
+                 f"{meta['workload']}"
+                 + (f", quantized with torchao {meta['torchao']} ({args.quantize})" if args.quantize != "none" else "")
+                 + f"; torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['date']}; "
                  f"{args.rounds} rounds x {args.steps} steps, a step's time is its slowest rank's.", "",
                  f"`{meta['command']}`", "",
                  "| setup | ms / step (median of round medians) | round medians, lowest - highest | vs inductor1 "

@@ -198,11 +198,14 @@ def gather(builder: GraphBuilder, tensor: fx.Node, ndim: int, layout: TokenLayou
     return builder.call(aten.movedim.int, ordered, 0, layout.dim) if layout.dim != 0 else ordered
 
 
-def all_reduce_sum(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo) -> fx.Node:
-    """Every rank's partial sum -> the full sum on every rank (one all-reduce)."""
+def all_reduce(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo, operation: str = "sum") -> fx.Node:
+    """Every rank's partial result -> the full one on every rank (one all-reduce with `operation`: "sum",
+    "max" or "min"). A graph compiled to train has a backward for the sum only; the token pass does not
+    shard a max or min over tokens there."""
     if group.differentiable:
+        assert operation == "sum", f"no backward for an all-reduce with {operation}"
         return builder.call(differentiable.all_reduce.default, tensor, group.group_name)
-    reduced = builder.call(functional.all_reduce.default, tensor, "sum", group.group_name)
+    reduced = builder.call(functional.all_reduce.default, tensor, operation, group.group_name)
     return builder.call(functional.wait_tensor.default, reduced)
 
 

@@ -44,7 +44,7 @@ class Report:
         lines = [f"paracompile: {self.world}"]
         sections = [("attention", self.attention), ("sliced to token shards (no communication)", self.slices),
                     ("gathered to full tensors", self.gathers),
-                    ("summed over ranks (a partial sum each, all-reduced)", self.reductions), ("notes", self.notes)]
+                    ("reduced over ranks (a partial sum, max or min each, all-reduced)", self.reductions), ("notes", self.notes)]
         for title, items in sections:
             lines.append(f"  {title}: {len(items) if items else 'none'}")
             lines.extend(f"    - {item}" for item in items)

@@ -141,14 +141,24 @@ def _structure_hash(structure) -> int:
     return int.from_bytes(digest, "little") >> 2  # fits an int64, and so does its negation
 
 
+def arithmetic_view(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in a dtype that sums and takes absolute values on every device, with every value kept:
+    integers and booleans as float64, float8 (a torchao float8 weight's data; CUDA has no `abs` or `sum`
+    for it) as bfloat16, which holds every float8 value exactly."""
+    if not tensor.is_floating_point():
+        return tensor.to(torch.float64)
+    if tensor.dtype.itemsize == 1:
+        return tensor.to(torch.bfloat16)
+    return tensor
+
+
 def _sums(entries, device: torch.device) -> torch.Tensor:
     """[sum, sum of absolute values] of every tensor, in float64, in one tensor on `device`."""
     parts = []
     for _, tensor in entries:
         if tensor.is_complex():
             tensor = torch.view_as_real(tensor)
-        if not tensor.is_floating_point():
-            tensor = tensor.to(torch.float64)
+        tensor = arithmetic_view(tensor)
         parts.append(tensor.sum(dtype=torch.float64).reshape(1))
         parts.append(tensor.abs().sum(dtype=torch.float64).reshape(1))
     if not parts:

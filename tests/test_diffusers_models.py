@@ -33,7 +33,7 @@ MODEL_NAMES = ["flux", "sd3", "wan_t2v", "wan_i2v", "hunyuan_video", "cogvideox"
 ATTENTION_OUTSIDE_GRAPH = {"mochi"}
 # Self-attention that is linear attention (matmuls, no SDPA): its sums over tokens are all-reduced partial sums.
 LINEAR_SELF_ATTENTION = {"sana"}
-PARTIAL_SUM = "contracts over the token axis; each rank's partial sum all-reduced"
+PARTIAL_SUM = "reduces over the token axis; each rank's partial sum all-reduced"
 
 SCENARIOS = {
     2: dict(size="uneven", batch=1, models=MODEL_NAMES),

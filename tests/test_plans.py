@@ -27,7 +27,9 @@ PLANS = {
     "flux": (3, 1),
     "sd3": (3, 1),
     "wan_t2v": (4, 1),
-    "hunyuan_video": (4, 3),
+    # The token refiner's in-place fill through a view, and the output; its masked mean over the text
+    # tokens is a partial sum (all-reduced).
+    "hunyuan_video": (4, 2),
     "qwen_image": (2, 1),
     # Linear self-attention: its token contractions are partial sums (all-reduced); each block's
     # convolution over the image (an unflatten of the tokens) and the output gather.

@@ -71,7 +71,7 @@ def test_cat_along_the_token_axis_appends_segments():
 
 
 @pytest.mark.parametrize("function, token_local", [
-    (lambda x: x.mean(-1), True), (lambda x: x.mean(1), False), (lambda x: x.softmax(-1), True),
+    (lambda x: x.mean(-1), True), (lambda x: x.var(1), False), (lambda x: x.softmax(-1), True),
     (lambda x: x.softmax(1), False)])
 def test_ops_along_the_token_axis_decline(function, token_local):
     graph = make_fx(function, pre_dispatch=True)(torch.randn(2, 10, 8)).graph
@@ -233,12 +233,12 @@ def test_a_contraction_over_tokens_split_alike_is_a_partial_sum():
     node, _ = _node(lambda v, k: torch.matmul(v, k), torch.randn(1, 2, 5, 10), torch.randn(1, 2, 10, 4),
                     target=aten.matmul.default)
     sharding = _apply(node, {"v_1": TokenLayout(3, (10,)), "k_1": TokenLayout(2, (10,))})
-    assert sharding.partial_sum and sharding.output is None
+    assert sharding.partial == "sum" and sharding.output is None
     assert sharding.inputs == {"self": TokenLayout(3, (10,)), "other": TokenLayout(2, (10,))}
     assert _apply(node, {"v_1": TokenLayout(3, (4, 6)), "k_1": TokenLayout(2, (10,))}) is None
     assert _apply(node, {"v_1": TokenLayout(3, (10,))}) is None
     bmm, _ = _node(lambda v, k: torch.bmm(v, k), torch.randn(2, 5, 10), torch.randn(2, 10, 4), target=aten.bmm.default)
-    assert _apply(bmm, {"v_1": TokenLayout(2, (10,)), "k_1": TokenLayout(1, (10,))}).partial_sum
+    assert _apply(bmm, {"v_1": TokenLayout(2, (10,)), "k_1": TokenLayout(1, (10,))}).partial == "sum"
 
 
 def test_pad_keeps_the_token_axis_unless_it_pads_it():
@@ -249,3 +249,45 @@ def test_pad_keeps_the_token_axis_unless_it_pads_it():
     assert _apply(tokens, {"x_1": TokenLayout(3, (10,))}) is None
     assert _apply(tokens, {"x_1": TokenLayout(2, (5,))}).output == TokenLayout(2, (5,))
 
+
+
+def test_a_reduction_over_the_token_axis_is_a_partial_result_of_its_op():
+    """Each rank reduces its shard and the rewriter all-reduces with the matching op: a sum or a mean (which
+    divides by the global count first) sums, an amax maxes; a reduction that keeps the token axis stays
+    sharded, and one whose partials no all-reduce completes (a variance) declines."""
+    x = torch.randn(2, 10, 8)
+    tokens = {"x_1": TokenLayout(1, (4, 6))}
+    cases = [(lambda x: x.amax(), aten.amax.default, "max"),
+             (lambda x: x.amin(dim=(1, 2), keepdim=True), aten.amin.default, "min"),
+             (lambda x: torch.max(x), aten.max.default, "max"),
+             (lambda x: x.sum(1), aten.sum.dim_IntList, "sum"),
+             (lambda x: x.sum(), aten.sum.default, "sum"),
+             (lambda x: x.mean(dim=1, keepdim=True), aten.mean.dim, "sum")]
+    for function, target, operation in cases:
+        node, _ = _node(function, x, target=target)
+        sharding = _apply(node, tokens)
+        assert sharding.partial == operation and sharding.output is None, (target, sharding)
+    kept, _ = _node(lambda x: x.amax(-1), x, target=aten.amax.default)
+    assert _apply(kept, tokens).output == TokenLayout(1, (4, 6)) and _apply(kept, tokens).partial is None
+    variance, _ = _node(lambda x: x.var(1), x, target=aten.var.dim)
+    assert _apply(variance, tokens) is None
+
+
+def test_a_float8_matrix_product_keeps_its_rows_split_with_a_per_tensor_or_per_row_scale():
+    a, b = torch.randn(10, 8), torch.randn(8, 4)
+
+    def scaled(a, b, scale_a, scale_b):
+        return torch._scaled_mm(a, b, scale_a, scale_b, out_dtype=torch.bfloat16)
+
+    for scale_a in (torch.ones(()), torch.ones(10, 1)):
+        node = torch.fx.Graph()
+        args = [node.placeholder(name) for name in ("a", "b", "scale_a", "scale_b")]
+        for value, example in zip(args, (a, b, scale_a, torch.ones(()))):
+            value.meta["val"] = example
+        call = node.call_function(aten._scaled_mm.default, tuple(args), {"out_dtype": torch.bfloat16})
+        call.meta["val"] = torch.empty(10, 4, dtype=torch.bfloat16)
+        rows = TokenLayout(0, (10,))
+        sharding = _apply(call, {"a": rows})
+        assert sharding.output == rows
+        assert sharding.inputs == ({"self": rows} if scale_a.numel() == 1 else {"self": rows, "scale_a": rows})
+        assert _apply(call, {"b": TokenLayout(0, (8,))}) is None, "the weight's rows are not tokens"

@@ -56,3 +56,18 @@ def test_the_description_names_the_first_input_that_differs():
     assert "rank 0 has inputs ['latents', 'timestep'] and rank 1 has ['latents']" in names
     assert issubclass(RanksDisagreeError, RuntimeError)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_inputs_are_fingerprinted_in_a_dtype_every_device_sums(dtype):
+    """CUDA has no `abs` (nor `sum`) for float8 (a torchao float8 weight's data): the input check widens it to
+    bfloat16 first, which keeps every float8 value."""
+    from paracompile.runtime import arithmetic_view
+
+    values = torch.tensor([-448.0 if dtype == torch.float8_e4m3fn else -57344.0, -1.5, 0.0, 0.125, 3.0, 240.0])
+    float8 = values.to(dtype)
+    widened = arithmetic_view(float8)
+    assert widened.dtype == torch.bfloat16 and torch.equal(widened.float(), float8.float())
+    assert arithmetic_view(torch.tensor([1, 2])).dtype == torch.float64
+    if torch.cuda.is_available():
+        arithmetic_view(float8.cuda()).abs().sum(dtype=torch.float64)

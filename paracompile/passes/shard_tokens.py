@@ -239,7 +239,7 @@ class TokenShardingRewriter:
         if kind == WRITE_FULL:
             self._write_into_full_tensor(node)
             return
-        if kind == SHARDED:
+        if kind == SHARDED and not (sharding.partial in ("max", "min") and self.group.differentiable):
             self._emit_sharded(node, sharding)
             return
         sharded_inputs = any(self.layout_of(n) is not None for n in tensor_inputs(node))
@@ -295,10 +295,10 @@ class TokenShardingRewriter:
             target = args.pop("__target__", target)
         new = self.emit(target, args)
         copy_origin(new, node)
-        if sharding.partial_sum:
-            new = collectives.all_reduce_sum(self.builder, new, self.group)
-            self.report.reductions.append(f"{describe_node(node)}: contracts over the token axis; each rank's "
-                                          f"partial sum all-reduced to {shape_text(node)}")
+        if sharding.partial is not None:
+            new = collectives.all_reduce(self.builder, new, self.group, sharding.partial)
+            self.report.reductions.append(f"{describe_node(node)}: reduces over the token axis; each rank's "
+                                          f"partial {sharding.partial} all-reduced to {shape_text(node)}")
         self._after_write(node)
         self._track_alias(node, new)
         if sharding.output is None:

@@ -43,9 +43,10 @@ class Sharding:
     output: Any
     inputs: dict[str, Any] = field(default_factory=dict)
     patch: Optional[Callable] = None
-    # The op contracts over the token axis of inputs split alike: each rank's result is its shards' share
-    # of a sum, and the rewriter all-reduces it into the full (replicated) result. `output` is then None.
-    partial_sum: bool = False
+    # The op reduces over the token axis of its sharded inputs (a contraction of inputs split alike, a sum, a
+    # max): each rank's result is its shards' share, "sum", "max" or "min", and the rewriter all-reduces it
+    # with that op into the full (replicated) result. `output` is then None.
+    partial: Optional[str] = None
 
 
 def gather_to_change(node: fx.Node, layout: TokenLayout, have: Layout) -> int:
@@ -357,20 +358,65 @@ def reduction(view: OpView) -> Optional[Sharding]:
         return None
     ndim = len(view.shape(view["self"]))
     dims = view.args.get("dim")
-    if dims is None:
-        return None  # a reduction over every element, the token axis included
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    if not dims:
-        return None
-    dims = [normalize_dim(d, ndim) for d in dims]
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    dims = [normalize_dim(d, ndim) for d in dims] or list(range(ndim))  # none listed: every dim
     if layout.dim in dims:
-        return None
+        return _partial_reduction(view, layout, dims)
     keepdim = bool(view.args.get("keepdim", False))
     out_dim = layout.dim if keepdim else layout.dim - sum(1 for d in dims if d < layout.dim)
     output = TokenLayout(out_dim, layout.segments)
     if isinstance(view.node.meta["val"], (tuple, list)):  # max.dim, var_mean, ...: every output alike
         output = [output] * len(view.node.meta["val"])
     return Sharding(output, {"self": layout})
+
+
+# Reductions over the token axis that each rank can do on its shard, completed by one all-reduce of the
+# (small) result: the op the all-reduce applies.
+_PARTIAL_REDUCTIONS = {aten.sum.default: "sum", aten.sum.dim_IntList: "sum", aten.mean.default: "sum",
+                       aten.mean.dim: "sum", aten.amax.default: "max", aten.amin.default: "min",
+                       aten.max.default: "max", aten.min.default: "min"}
+
+
+def _partial_reduction(view: OpView, layout: TokenLayout, dims: list[int]) -> Optional[Sharding]:
+    """A sum, mean, max or min over dims that include the token axis: each rank reduces its shard (a mean
+    divides by the global count first) and the rewriter all-reduces the partial results, exactly what one
+    process computes up to the order of a sum's terms; a max or min is exact. A torchao float8 per-tensor
+    activation scale (the amax of |x| over the whole activation) is one: one all-reduce of a scalar instead
+    of a gather of the activation. A rank that may hold no tokens reduces its shard padded with the op's
+    identity (a max of nothing is an error)."""
+    operation = _PARTIAL_REDUCTIONS.get(view.node.target)
+    if operation is None:
+        return None
+    mean = view.node.target in (aten.mean.default, aten.mean.dim)
+    shape = view.shape(view["self"])
+
+    def patch(builder, args, local):
+        tensor = args["self"]
+        if mean:
+            count = product([shape[d] for d in dims])
+            tensor = builder.call(aten.div.Tensor, tensor, builder.size(count))
+            args = {"self": tensor, "dim": dims, "keepdim": bool(view.args.get("keepdim", False)),
+                    "dtype": args.get("dtype"), "__target__": aten.sum.dim_IntList}
+        elif operation != "sum" and not (isinstance(local.length, int) and local.length > 0):
+            args = dict(args, self=_padded_with_identity(builder, tensor, layout.dim, dims, ndim=len(shape),
+                                                         operation=operation, dtype=view["self"].meta["val"].dtype))
+        return args
+
+    return Sharding(None, {"self": layout}, patch=patch, partial=operation)
+
+
+def _padded_with_identity(builder, tensor, token_dim: int, dims: list[int], ndim: int, operation: str, dtype):
+    """`tensor` reduced over every listed dim but the token axis (keeping them), with one more token holding
+    the identity of `operation` appended: the same max or min, and never empty."""
+    others = [d for d in dims if d != token_dim]
+    if others:
+        tensor = builder.call(aten.amax.default if operation == "max" else aten.amin.default, tensor, others, True)
+    if dtype.is_floating_point:
+        identity = float("-inf") if operation == "max" else float("inf")
+    else:
+        identity = torch.iinfo(dtype).min if operation == "max" else torch.iinfo(dtype).max
+    padding = [0, 0] * (ndim - 1 - token_dim) + [0, 1]
+    return builder.call(aten.constant_pad_nd.default, tensor, padding, identity)
 
 
 # `max.other` and `min.other` (torch.max(a, b)) are elementwise, not reductions: the overloads of the two
@@ -390,7 +436,7 @@ def contraction_over_tokens(left: Layout, right: Layout, left_ndim: int, right_n
     small result completes (no gather of the sequence)."""
     if (left is not None and right is not None and left_ndim >= 2 and right_ndim >= 2
             and left.dim == left_ndim - 1 and right.dim == right_ndim - 2 and left.same_split(right)):
-        return Sharding(None, {names[0]: left, names[1]: right}, partial_sum=True)
+        return Sharding(None, {names[0]: left, names[1]: right}, partial="sum")
     return None
 
 
@@ -415,6 +461,26 @@ def matrix_product(view: OpView) -> Optional[Sharding]:
     if right is not None and left is None and right.dim == ndim - 1:
         return Sharding(right, {"mat2": right})
     return contraction_over_tokens(left, right, ndim, ndim, ("self", "mat2"))
+
+
+@rule(aten._scaled_mm, declines_when="its left operand is not split along its rows, or a scale does not follow it")
+def scaled_matrix_product(view: OpView) -> Optional[Sharding]:
+    """A float8 matrix product (torchao's float8 linear): rows of the left operand are tokens. Its scale is
+    per tensor (one element, replicated: a per-tensor activation scale is computed over every rank's tokens,
+    see `_partial_reduction`) or per row (one per token, split like the rows); the right operand's scale and
+    the bias belong to the weight."""
+    left = view.layout("self")
+    if left is None or left.dim != 0 or any(view.layout(name) is not None for name in ("mat2", "scale_b", "bias")):
+        return None
+    inputs = {"self": left}
+    scale, scale_shape = view.layout("scale_a"), view.shape(view["scale_a"])
+    if scale is not None and (scale.dim != 0 or not scale.same_split(left)):
+        return None
+    if scale is not None or (not same_size(product(scale_shape), 1) and same_size(scale_shape[0], left.length)):
+        inputs["scale_a"] = left  # per row: a scale held whole is cut like the rows
+    elif not same_size(product(scale_shape), 1):
+        return None
+    return Sharding(left, inputs)
 
 
 @rule(aten.pad, aten.constant_pad_nd, declines_when="it pads the token axis")
