@@ -200,6 +200,17 @@ def _reductions_and_float8_against_eager(rank, world_size):
             errors[name] = (compiled(text, image) - model(text, image)).abs().max().item()
         report = backend.explanations[-1]
         assert "gathered to full tensors: 1\n" in report and report.count("all-reduced to") == 5, (name, report)
+    # Compiled to train: sums and means are all-reduced partial sums with a backward, a max or min over
+    # tokens is taken on the gathered tensor (its all-reduce has none); gradients as one process's.
+    torch._dynamo.reset()
+    text, image = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    compiled = torch.compile(model, backend="paracompile", options={"compiler": "eager", "mesh": {"ulysses": 2}})
+    compiled(text, image).square().sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(text, image).square().sum().backward()
+    errors["training gradients"] = max(((g - p.grad).abs().max() / p.grad.abs().max()).item()  # relative
+                                       for g, p in zip(got, model.parameters()))
     for granularity in ("tensor", "row"):
         for mesh in ({"ulysses": 2}, {"ring": 2}):
             case, model, inputs = _float8_flux(granularity)
