@@ -3,8 +3,10 @@
 Invariant: the callable returned for Dynamo's graph, called on every rank with the same full inputs,
 returns what the graph returns (to Inductor's accuracy), or raises the same error on every rank.
 
-torch calls `paracompile_backend(graph_module, example_inputs, options=...)` with Dynamo's graph. One
-process: plain Inductor (with First Block Cache or CUDA graphs if asked). Several ranks, one linear pipeline:
+torch calls `paracompile_backend(graph_module, example_inputs, options=...)` with Dynamo's graph. Each call
+makes one CompileContext (context.py: the options, the mesh plan, the report) and passes it down the
+pipeline; the callable it returns carries it as `paracompile_context`. One process: plain Inductor (with
+First Block Cache or CUDA graphs if asked). Several ranks, one linear pipeline:
   parse_options -> resolve_mesh (degrees checked, groups made) -> trace_to_aten -> resolve_auto ("auto"
   needs the graph's head counts) -> shard_batch -> shard_tokens (sharding_plan.plan_sharding: a layout per node,
   the cuts, an attention strategy per attention node; then one rewrite that applies the plan)
@@ -12,12 +14,11 @@ process: plain Inductor (with First Block Cache or CUDA graphs if asked). Severa
   patches, CUDA graphs) -> guarded
   (the ranks' input check, forward only).
 Passes take what they need as arguments and never import this module; the only state kept here is the
-bounded registry of reports (`explanations`, `rewritten_graphs`).
+bounded registry of every compile's reports and rewritten graphs, for users (`explanations()`).
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
 import warnings
 from collections import deque
 from typing import Any, Callable, Optional
@@ -25,6 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
+from paracompile.context import CompileContext, with_context
 from paracompile.explain import Report, describe_added_ops
 from paracompile.mesh import resolve_auto, resolve_mesh
 from paracompile.meta import attention_kind
@@ -39,35 +41,39 @@ from paracompile.passes.trace_to_aten import aten_graph_with_values, trace_to_at
 from paracompile.passes.ulysses_attention import SequenceAttention
 from paracompile.runtime import InputCheck, guarded, model_state_positions, trainable
 
-logger = logging.getLogger("paracompile")
-
-# The most recent reports and rewritten graphs, newest last, bounded: for tests, and for users who want to
-# look (README, "Reading explain"). The only module state the backend keeps; passes get `record` callbacks
-# and never import this module.
+# The most recent explain texts and rewritten graphs of every compile, newest last, bounded: each compile's
+# context feeds them as it makes them (README, "Reading explain"). A compile's own are on its context.
 explanations: deque = deque(maxlen=32)
 rewritten_graphs: deque = deque(maxlen=8)
 
 
+def recent_explanations() -> list[str]:
+    """The explain texts of the most recent compiles (at most 32), oldest first: each rewrite's report, and
+    First Block Cache's and compile_blocks' lines. `paracompile.explanations()`."""
+    return list(explanations)
+
+
 def paracompile_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None) -> Callable:
     parsed = parse_options(options)
-    plan = resolve_mesh(parsed.mesh)
-    if plan.world_size == 1 and parsed.threshold == 0 and not parsed.cuda_graphs and not parsed.compile_blocks:
-        return compile_graph(gm, example_inputs, parsed)  # plain Inductor: exact gradients included
+    context = CompileContext(parsed, resolve_mesh(parsed.mesh), on_record=explanations.append,
+                             on_rewritten=rewritten_graphs.append)
+    if context.mesh.world_size == 1 and parsed.threshold == 0 and not parsed.cuda_graphs and not parsed.compile_blocks:
+        return with_context(compile_graph(gm, example_inputs, context), context)  # plain Inductor: exact gradients
     if has_subclasses(example_inputs):
         # A tensor-subclass input (a torchao quantized weight) is traced as its inner tensors, so the passes
         # and compilers below see plain tensors only (passes/subclass_inputs.py); each call's subclass
         # arguments are flattened the same way.
-        compiled = compile_traced(trace_to_aten(gm, example_inputs), flatten_subclasses(example_inputs)[0],
-                                  parsed, plan)
-        return lambda *args: compiled(*flatten_subclasses(args)[0])
-    return compile_traced(gm, example_inputs, parsed, plan)
+        compiled = compile_traced(trace_to_aten(gm, example_inputs), flatten_subclasses(example_inputs)[0], context)
+        return with_context(lambda *args: compiled(*flatten_subclasses(args)[0]), context)
+    return with_context(compile_traced(gm, example_inputs, context), context)
 
 
-def compile_traced(gm: fx.GraphModule, example_inputs: list, parsed: Options, plan) -> Callable:
+def compile_traced(gm: fx.GraphModule, example_inputs: list, context: CompileContext) -> Callable:
     """The backend past plain Inductor, for Dynamo's graph or its aten trace (trace_to_aten)."""
-    if plan.world_size == 1:
+    parsed = context.options
+    if context.mesh.world_size == 1:
         with torch.no_grad():
-            compiled = compile_graph(gm, example_inputs, parsed)
+            compiled = compile_graph(gm, example_inputs, context)
         return guarded(compiled, _NO_BACKWARD_WITH_CACHE if parsed.threshold > 0 else
                        _NO_BACKWARD_WITH_GRAPHS if parsed.cuda_graphs else _NO_BACKWARD_BY_BLOCK)
 
@@ -81,18 +87,41 @@ def compile_traced(gm: fx.GraphModule, example_inputs: list, parsed: Options, pl
                       "compiling it replicated on every rank", stacklevel=2)
         untrainable = untrainable_because(None, parsed) if training else None
         if training and untrainable is None:  # replicated everywhere: the same convention, no collective
-            scale_output_grads(aten_graph, aten_graph, 1.0 / plan.world_size)
-            return trainable(compile_graph(aten_graph, example_inputs, parsed), check)
+            scale_output_grads(aten_graph, aten_graph, 1.0 / context.mesh.world_size)
+            return trainable(compile_graph(aten_graph, example_inputs, context), check)
         with torch.no_grad():
-            return guarded(compile_graph(aten_graph, example_inputs, parsed), _no_backward(untrainable), check)
+            return guarded(compile_graph(aten_graph, example_inputs, context), _no_backward(untrainable), check)
 
-    plan = resolve_auto(plan, self_attention_head_counts(aten_graph.graph))
-    untrainable = untrainable_because(plan, parsed) if training else None
+    context.mesh = resolve_auto(context.mesh, self_attention_head_counts(aten_graph.graph))
+    untrainable = untrainable_because(context.mesh, parsed) if training else None
     no_backward = _no_backward(untrainable)
     trains = training and untrainable is None
     if trains:
-        plan = differentiable_plan(plan)
-    report = Report(world=plan.describe())
+        context.mesh = differentiable_plan(context.mesh)
+    sharded = rewrite(aten_graph, context)
+    if trains:
+        scale_output_grads(sharded, aten_graph, 1.0 / context.mesh.world_size)
+        context.report.notes.append(
+            f"compiled to train: collectives with a backward, output gradients divided by "
+            f"{context.mesh.world_size} and input gradients summed over the ranks (differentiable.py)")
+    elif training:
+        context.report.notes.append(f"forward only ({untrainable}): backward raises")
+    if parsed.compiler == "inductor":
+        context.report.notes.append(describe_overlap(attention_kinds(sharded), parsed))
+    context.record(context.report.format())
+    context.keep_rewritten(sharded)
+    if trains:
+        return trainable(compile_graph(sharded, example_inputs, context), check)
+    # Compiled for inference: the graph runs without autograd history (see runtime.guarded).
+    with torch.no_grad():
+        return guarded(compile_graph(sharded, example_inputs, context), no_backward, check)
+
+
+def rewrite(aten_graph: fx.GraphModule, context: CompileContext) -> fx.GraphModule:
+    """The graph split over the mesh: its batch dim (shard_batch), then its tokens (shard_tokens), with what
+    each did in the context's report."""
+    plan, report = context.mesh, context.report
+    report.world = plan.describe()
     sharded = aten_graph
     if plan.batch is not None:
         batch_report = Report()
@@ -101,32 +130,17 @@ def compile_traced(gm: fx.GraphModule, example_inputs: list, parsed: Options, pl
         report.gathers += [f"batch: {line}" for line in batch_report.gathers]
         report.reductions += [f"batch: {line}" for line in batch_report.reductions]
     if plan.sequence is not None:
-        strategy = SequenceAttention(plan, ulysses_chunks=parsed.ulysses_chunks)
+        strategy = SequenceAttention(plan, ulysses_chunks=context.options.ulysses_chunks)
         sharded = shard_tokens(sharded, plan.sequence, report, strategy, mesh=plan)
         sharded.graph.eliminate_dead_code()
+        sharded.graph.lint()
         sharded.recompile()
     elif plan.batch is not None:
         report.attention += batch_report.attention
     if plan.ring is not None or plan.batch is not None:
         report.notes.append(f"process groups: {plan.describe_groups()}")
     report.notes.append(describe_added_ops(aten_graph.graph, sharded.graph))
-    if trains:
-        scale_output_grads(sharded, aten_graph, 1.0 / plan.world_size)
-        report.notes.append(f"compiled to train: collectives with a backward, output gradients divided by "
-                            f"{plan.world_size} and input gradients summed over the ranks (differentiable.py)")
-    elif training:
-        report.notes.append(f"forward only ({untrainable}): backward raises")
-    if parsed.compiler == "inductor":
-        report.notes.append(describe_overlap(attention_kinds(sharded), parsed))
-    explanations.append(report.format())
-    rewritten_graphs.append(sharded)
-    if parsed.explain:
-        report.emit()
-    if trains:
-        return trainable(compile_graph(sharded, example_inputs, parsed), check)
-    # Compiled for inference: the graph runs without autograd history (see runtime.guarded).
-    with torch.no_grad():
-        return guarded(compile_graph(sharded, example_inputs, parsed), no_backward, check)
+    return sharded
 
 
 def untrainable_because(plan, options: Options) -> Optional[str]:
@@ -189,12 +203,14 @@ _NO_BACKWARD_WITH_CACHE = (
     "residuals of an earlier call. Set threshold to 0 to train")
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options, name: str = "the graph") -> Callable:
+def compile_graph(gm: fx.GraphModule, example_inputs: list, context: CompileContext,
+                  name: str = "the graph") -> Callable:
+    options = context.options
     if options.threshold > 0:
         # First Block Cache: splits the graph around the block loop and compiles each part through this
         # function again, with threshold 0 (passes/first_block_cache.py).
-        return compile_with_first_block_cache(gm, example_inputs, options, compile_graph, explanations.append)
-    compiled = compile_each_block_once(gm, example_inputs, options) if options.compile_blocks else None
+        return compile_with_first_block_cache(gm, example_inputs, context, compile_graph)
+    compiled = compile_each_block_once(gm, example_inputs, context) if options.compile_blocks else None
     if compiled is None:
         compiled = compile_whole(gm, example_inputs, options)
     if options.cuda_graphs:
@@ -210,17 +226,12 @@ def compile_whole(gm: fx.GraphModule, example_inputs: list, options: Options) ->
     return compile_fx(gm, example_inputs, config_patches=inductor_config(attention_kinds(gm), options))
 
 
-def compile_each_block_once(gm: fx.GraphModule, example_inputs: list, options: Options) -> Optional[Callable]:
+def compile_each_block_once(gm: fx.GraphModule, example_inputs: list, context: CompileContext) -> Optional[Callable]:
     """`gm` cut into its blocks and the glue between them, each distinct part compiled once
     (passes/compile_blocks.py); None when the graph has no block loop (then it is compiled whole)."""
+    options = context.options
     gm = aten_graph_with_values(gm, example_inputs, keep_guards=options.compiler != "eager")
-
-    def record(line: str) -> None:
-        explanations.append(line)
-        if options.explain:
-            logger.warning(line)
-
-    return compile_by_block(gm, lambda part, examples, name: compile_whole(part, examples, options), record)
+    return compile_by_block(gm, lambda part, examples, name: compile_whole(part, examples, options), context.record)
 
 
 def overlap_patches(attention_kinds: set) -> dict[str, Any]:

@@ -1,9 +1,18 @@
 """Graph fragments that move a token axis between layouts: slice, gather, and the Ulysses all-to-all.
 
-Every function here emits nodes through a GraphBuilder and works for uneven segment lengths, including
-ranks that hold no tokens of a segment. Collectives are functional collectives (`_c10d_functional`), so
-they stay visible to Inductor, which can schedule them against compute; in a graph compiled to train (a
-group marked `differentiable`), they are paracompile's collectives with a backward (differentiable.py).
+Invariant: every function here adds to the builder's graph nodes that turn the layout it is given into
+the layout it names, exactly (no token lost, duplicated or moved out of its order), for uneven segment
+lengths too, including ranks that hold no tokens of a segment, and at every size the graph's guards admit.
+
+Two kinds of fragment. The exchanges (the collective and the dim shuffles around it: an all-gather's,
+an all-reduce's, Ulysses' all-to-alls, a ring step's send) read no size: each is a plain tensor function
+below (`_gather_leading`, `_heads_out`, ...), traced once by make_fx and copied into the graph
+(GraphBuilder.insert_traced). The layout ops around them (slice, pad, narrow, reorder by segment) are sized
+by segment lengths that are symbolic under dynamic shapes; those are emitted by hand, with sizes computed by
+the builder from the graph's symbolic inputs (make_fx cannot trace them: see graph_builder.trace_fragment).
+Collectives are functional collectives (`_c10d_functional`), so they stay visible to Inductor, which can
+schedule them against compute; in a graph compiled to train (a group marked `differentiable`), they are
+paracompile's collectives with a backward (differentiable.py).
 
 Padded rank-major order: to exchange shards of unequal length, each rank pads its piece of segment j to
 chunk_j = ceil(length_j / ranks) tokens. A tensor that holds every rank's padded shard, rank after rank,
@@ -16,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from paracompile.differentiable import OPS as differentiable
+from paracompile.differentiable import OPS as differentiable_ops
 from paracompile.graph_builder import GraphBuilder, GraphSize
 from paracompile.passes.token_layout import TokenLayout, known_divisible
 
@@ -187,26 +196,42 @@ def global_to_rank_major(builder: GraphBuilder, tensor: fx.Node, ndim: int, layo
 def gather(builder: GraphBuilder, tensor: fx.Node, ndim: int, layout: TokenLayout, group: ProcessGroupInfo) -> fx.Node:
     """This rank's shard -> the replicated full tensor in global order (one all-gather)."""
     padded = pad_to_chunks(builder, tensor, ndim, layout, group)
-    leading = builder.call(aten.movedim.int, padded, layout.dim, 0) if layout.dim != 0 else padded
-    leading = builder.call(aten.contiguous.default, leading)
-    if group.differentiable:
-        gathered = builder.call(differentiable.all_gather.default, leading, group.size, group.group_name)
-    else:
-        gathered = builder.call(functional.all_gather_into_tensor.default, leading, group.size, group.group_name)
-        gathered = builder.call(functional.wait_tensor.default, gathered)
+    gathered = builder.insert_traced(_gather_leading, [padded], [ndim], dim=layout.dim, ranks=group.size,
+                                     group_name=group.group_name, differentiable=group.differentiable)
     ordered = rank_major_to_global(builder, gathered, layout.at_dim(0), group)
     return builder.call(aten.movedim.int, ordered, 0, layout.dim) if layout.dim != 0 else ordered
 
 
-def all_reduce(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo, operation: str = "sum") -> fx.Node:
+def _contiguous(tensor):
+    """`aten.contiguous` as a node of the fragment, whatever the example's strides: `Tensor.contiguous()`
+    returns a contiguous tensor without dispatching, so the trace would drop the op wherever the example
+    happens to be contiguous, while the graph's tensor there may be a strided view (a shard sliced out of
+    a permuted tensor, say) that the collective must not read as it is."""
+    return aten.contiguous.default(tensor)
+
+
+def _gather_leading(shard, *, dim, ranks, group_name, differentiable):
+    """Every rank's `shard`, rank after rank along a new leading dim: `dim` moved to the front."""
+    leading = _contiguous(shard.movedim(dim, 0) if dim != 0 else shard)
+    if differentiable:
+        return differentiable_ops.all_gather(leading, ranks, group_name)
+    return functional.wait_tensor(functional.all_gather_into_tensor(leading, ranks, group_name))
+
+
+def all_reduce(builder: GraphBuilder, tensor: fx.Node, ndim: int, group: ProcessGroupInfo,
+               operation: str = "sum") -> fx.Node:
     """Every rank's partial result -> the full one on every rank (one all-reduce with `operation`: "sum",
     "max" or "min"). A graph compiled to train has a backward for the sum only; the token pass does not
     shard a max or min over tokens there."""
-    if group.differentiable:
-        assert operation == "sum", f"no backward for an all-reduce with {operation}"
-        return builder.call(differentiable.all_reduce.default, tensor, group.group_name)
-    reduced = builder.call(functional.all_reduce.default, tensor, operation, group.group_name)
-    return builder.call(functional.wait_tensor.default, reduced)
+    assert operation == "sum" or not group.differentiable, f"no backward for an all-reduce with {operation}"
+    return builder.insert_traced(_all_reduce, [tensor], [ndim], group_name=group.group_name,
+                                 differentiable=group.differentiable, operation=operation)
+
+
+def _all_reduce(partial, *, group_name, differentiable, operation):
+    if differentiable:
+        return differentiable_ops.all_reduce(partial, group_name)
+    return functional.wait_tensor(functional.all_reduce(partial, operation, group_name))
 
 
 def physical_order(shape, strides) -> list[int]:
@@ -232,48 +257,54 @@ def with_layout_of(builder: GraphBuilder, tensor: fx.Node, outermost_dim: int, o
     if have == want:
         return tensor
     order = want + [d for d in range(ndim) if d not in want]  # size-1 dims anywhere
-    inverse = [order.index(d) for d in range(ndim)]
-    permuted = builder.call(aten.permute.default, tensor, order)
-    dense = builder.call(aten.clone.default, permuted, memory_format=torch.contiguous_format)
-    return builder.call(aten.permute.default, dense, inverse)
+    return builder.insert_traced(_dense_in_order, [tensor], [ndim], order=tuple(order))
 
 
-def send_to_next_rank(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo) -> fx.Node:
+def _dense_in_order(tensor, *, order):
+    """`tensor` copied dense with its dims in memory in `order` (outermost first), dims in place."""
+    inverse = [order.index(d) for d in range(len(order))]
+    return tensor.permute(list(order)).clone(memory_format=torch.contiguous_format).permute(inverse)
+
+
+def send_to_next_rank(builder: GraphBuilder, tensor: fx.Node, ndim: int, group: ProcessGroupInfo) -> fx.Node:
     """Starts passing `tensor` one step round the ring (rank i sends to i + 1 and receives from i - 1).
-    Returns the collective's pending result: `wait_tensor` it later, after the compute it should overlap.
-    One all_to_all_single with a single non-empty split each way is a permute that works on every
+    Returns the collective's pending result: `wait_for_next_rank` it later, after the compute it should
+    overlap. One all_to_all_single with a single non-empty split each way is a permute that works on every
     backend (gloo included) and on tensors of any shape (the splits count slices of a new leading dim)."""
     if group.differentiable:
         raise NotImplementedError("paracompile: ring attention has no backward yet")
-    destination, source = (group.rank + 1) % group.size, (group.rank - 1) % group.size
-    send = [1 if rank == destination else 0 for rank in range(group.size)]
-    receive = [1 if rank == source else 0 for rank in range(group.size)]
-    leading = builder.call(aten.unsqueeze.default, builder.call(aten.contiguous.default, tensor), 0)
-    return builder.call(functional.all_to_all_single.default, leading, receive, send, group.group_name)
+    return builder.insert_traced(_send_to_next_rank, [tensor], [ndim], rank=group.rank, ranks=group.size,
+                                 group_name=group.group_name)
 
 
-def wait_for_next_rank(builder: GraphBuilder, pending: fx.Node) -> fx.Node:
-    return builder.call(aten.squeeze.dim, builder.call(functional.wait_tensor.default, pending), 0)
+def _send_to_next_rank(tensor, *, rank, ranks, group_name):
+    destination, source = (rank + 1) % ranks, (rank - 1) % ranks
+    send = [1 if other == destination else 0 for other in range(ranks)]
+    receive = [1 if other == source else 0 for other in range(ranks)]
+    return functional.all_to_all_single(_contiguous(tensor).unsqueeze(0), receive, send, group_name)
 
 
-def start_all_to_all(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo) -> fx.Node:
-    """Starts an all-to-all over a leading dim of size group.size (slice i goes to rank i, slot i comes from
-    rank i); returns the pending result for `finish_all_to_all`, after the compute it should overlap."""
-    tensor = builder.call(aten.contiguous.default, tensor)
-    splits = [1] * group.size
-    if group.differentiable:  # synchronous: the result is final, finish_all_to_all leaves it as it is
-        return builder.call(differentiable.all_to_all.default, tensor, splits, splits, group.group_name)
-    return builder.call(functional.all_to_all_single.default, tensor, splits, splits, group.group_name)
+def wait_for_next_rank(builder: GraphBuilder, pending: fx.Node, ndim: int) -> fx.Node:
+    """The tensor `send_to_next_rank` received (`ndim`: the sent tensor's dims)."""
+    return builder.insert_traced(_wait_for_next_rank, [pending], [ndim + 1])
 
 
-def finish_all_to_all(builder: GraphBuilder, pending: fx.Node) -> fx.Node:
-    if pending.target is differentiable.all_to_all.default:
-        return pending
-    return builder.call(functional.wait_tensor.default, pending)
+def _wait_for_next_rank(pending):
+    return functional.wait_tensor(pending).squeeze(0)
 
 
-def all_to_all(builder: GraphBuilder, tensor: fx.Node, group: ProcessGroupInfo) -> fx.Node:
-    return finish_all_to_all(builder, start_all_to_all(builder, tensor, group))
+def _start_all_to_all(tensor, ranks: int, group_name: str, differentiable: bool):
+    """Inside a fragment: starts an all-to-all over a leading dim of size `ranks` (slice i goes to rank i,
+    slot i comes from rank i); the pending result is waited for by `_finish_all_to_all`, after the compute
+    it should overlap. The differentiable all-to-all is synchronous: its result is final."""
+    splits = [1] * ranks
+    if differentiable:
+        return differentiable_ops.all_to_all(_contiguous(tensor), splits, splits, group_name)
+    return functional.all_to_all_single(_contiguous(tensor), splits, splits, group_name)
+
+
+def _finish_all_to_all(pending, differentiable: bool):
+    return pending if differentiable else functional.wait_tensor(pending)
 
 
 class Exchange:
@@ -282,19 +313,28 @@ class Exchange:
     [.., A / ranks, .., ranks * B, ..]: slice r of A goes to rank r, and what rank r sent lands at block r of
     B. Ulysses' second all-to-all splits tokens and gathers heads (its first is HeadsOut's)."""
 
-    def __init__(self, builder: GraphBuilder, split_dim: int, gather_dim: int, group: ProcessGroupInfo):
-        self.builder, self.split_dim, self.gather_dim, self.group = builder, split_dim, gather_dim, group
+    def __init__(self, builder: GraphBuilder, split_dim: int, gather_dim: int, ndim: int, group: ProcessGroupInfo):
+        self.builder, self.split_dim, self.gather_dim, self.ndim, self.group = builder, split_dim, gather_dim, ndim, group
 
     def start(self, tensor: fx.Node) -> fx.Node:
-        by_rank = self.builder.call(aten.unflatten.int, tensor, self.split_dim, [self.group.size, -1])
-        return start_all_to_all(self.builder, self.builder.call(aten.movedim.int, by_rank, self.split_dim, 0),
-                                self.group)
+        return self.builder.insert_traced(_split_dim_out, [tensor], [self.ndim], split_dim=self.split_dim,
+                                          ranks=self.group.size, group_name=self.group.group_name,
+                                          differentiable=self.group.differentiable)
 
     def finish(self, pending: fx.Node) -> fx.Node:
-        exchanged = finish_all_to_all(self.builder, pending)
-        # dims are now [source rank, ..., A / ranks (at split_dim + 1), ..., B (at gather_dim + 1), ...]
-        rank_next_to_gathered = self.builder.call(aten.movedim.int, exchanged, 0, self.gather_dim)
-        return self.builder.call(aten.flatten.using_ints, rank_next_to_gathered, self.gather_dim, self.gather_dim + 1)
+        return self.builder.insert_traced(_gather_dim_in, [pending], [self.ndim + 1], gather_dim=self.gather_dim,
+                                          differentiable=self.group.differentiable)
+
+
+def _split_dim_out(tensor, *, split_dim, ranks, group_name, differentiable):
+    by_rank = tensor.unflatten(split_dim, [ranks, -1]).movedim(split_dim, 0)
+    return _start_all_to_all(by_rank, ranks, group_name, differentiable)
+
+
+def _gather_dim_in(pending, *, gather_dim, differentiable):
+    exchanged = _finish_all_to_all(pending, differentiable)
+    # dims are now [source rank, ..., A / ranks (at split_dim + 1), ..., B (at gather_dim + 1), ...]
+    return exchanged.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
 
 
 class HeadsOut:
@@ -313,18 +353,27 @@ class HeadsOut:
         self.builder, self.head_dim, self.token_dim, self.ndim, self.group = builder, head_dim, token_dim, ndim, group
 
     def start(self, tensors: list[fx.Node]) -> fx.Node:
-        b = self.builder
-        token = self.token_dim + (1 if self.token_dim > self.head_dim else 0)  # once heads are [ranks, H / ranks]
-        order = [self.head_dim, token] + [d for d in range(self.ndim + 1) if d not in (self.head_dim, token)]
-        pieces = [b.call(aten.unsqueeze.default, b.call(aten.permute.default, b.call(
-            aten.unflatten.int, tensor, self.head_dim, [self.group.size, -1]), order), 2) for tensor in tensors]
-        return start_all_to_all(b, b.cat(pieces, 2), self.group)
+        return self.builder.insert_traced(_heads_out, tensors, [self.ndim] * len(tensors), head_dim=self.head_dim,
+                                          token_dim=self.token_dim, ranks=self.group.size,
+                                          group_name=self.group.group_name, differentiable=self.group.differentiable)
 
     def finish(self, pending: fx.Node, count: int) -> list[fx.Node]:
-        b = self.builder
-        received = b.call(aten.flatten.using_ints, finish_all_to_all(b, pending), 0, 1)  # [ranks * C, count, ...]
-        return [b.call(aten.movedim.int, b.call(aten.select.int, received, 1, index), 0, self.token_dim)
-                for index in range(count)]
+        return self.builder.insert_traced(_heads_in, [pending], [self.ndim + 2], count=count,
+                                          token_dim=self.token_dim, differentiable=self.group.differentiable)
+
+
+def _heads_out(*tensors, head_dim, token_dim, ranks, group_name, differentiable):
+    ndim = tensors[0].dim()
+    token = token_dim + (1 if token_dim > head_dim else 0)  # once heads are [ranks, H / ranks]
+    order = [head_dim, token] + [d for d in range(ndim + 1) if d not in (head_dim, token)]
+    pieces = [tensor.unflatten(head_dim, [ranks, -1]).permute(order).unsqueeze(2) for tensor in tensors]
+    message = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 2)
+    return _start_all_to_all(message, ranks, group_name, differentiable)
+
+
+def _heads_in(pending, *, count, token_dim, differentiable):
+    received = _finish_all_to_all(pending, differentiable).flatten(0, 1)  # [ranks * C, count, ...]
+    return [received.select(1, index).movedim(0, token_dim) for index in range(count)]
 
 
 def scatter_heads_gather_tokens(builder: GraphBuilder, tensor: fx.Node, head_dim: int, token_dim: int,
@@ -335,7 +384,7 @@ def scatter_heads_gather_tokens(builder: GraphBuilder, tensor: fx.Node, head_dim
 
 
 def scatter_tokens_gather_heads(builder: GraphBuilder, tensor: fx.Node, head_dim: int, token_dim: int,
-                                group: ProcessGroupInfo) -> fx.Node:
+                                group: ProcessGroupInfo, ndim: int) -> fx.Node:
     """Ulysses' second all-to-all, the inverse of scatter_heads_gather_tokens."""
-    exchange = Exchange(builder, token_dim, head_dim, group)
+    exchange = Exchange(builder, token_dim, head_dim, ndim, group)
     return exchange.finish(exchange.start(tensor))

@@ -1,14 +1,11 @@
 """The report behind `explain: True`: what ran sharded, where the graph was sliced and gathered, and why."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch.fx as fx
 
 from paracompile.meta import NN_MODULE_STACK
-
-logger = logging.getLogger("paracompile")
 
 
 def describe_node(node: fx.Node) -> str:
@@ -31,7 +28,8 @@ def _readable_module_path(path: str) -> str:
 
 @dataclass
 class Report:
-    """Collected while the passes run; printed when `explain` is on."""
+    """Collected while the passes run, one per compile (its CompileContext's); kept, and logged when
+    `explain` is on, by CompileContext.record."""
 
     world: str = ""
     attention: list[str] = field(default_factory=list)
@@ -49,12 +47,6 @@ class Report:
             lines.append(f"  {title}: {len(items) if items else 'none'}")
             lines.extend(f"    - {item}" for item in items)
         return "\n".join(lines)
-
-    def emit(self) -> None:
-        """`explain=True` asks for the report, so it goes out at WARNING level: visible with logging not
-        configured (Python's last-resort handler prints it to stderr) and under a typical application
-        setup (the root logger at WARNING)."""
-        logger.warning(self.format())
 
 
 def shape_text(node: fx.Node) -> str:

@@ -1,19 +1,28 @@
 """Emitting nodes into the rewritten graph.
 
-Sizes come from the original graph's metadata as ints or SymInts. In the rewritten graph an int stays a
-constant and a SymInt becomes nodes computed from the graph's own symbolic inputs, so the rewritten graph
-stays correct for every shape its guards admit. The arithmetic helpers fold constants, so graphs with
-static shapes keep static sizes, which Inductor prefers.
+Invariant: every node this module adds computes, at every shape the rewritten graph's guards admit, what
+the code that asked for it says: a size computed from the graph's own symbolic inputs, or the ops of a
+traced fragment in the order the fragment calls them.
+
+Two ways in. By hand (`call`, and the size arithmetic): sizes come from the original graph's metadata as
+ints or SymInts; in the rewritten graph an int stays a constant and a SymInt becomes nodes computed from the
+graph's own symbolic inputs (its sympy expression interpreted by torch's `sympy_interp`). The arithmetic
+folds constants, so graphs with static shapes keep static sizes, which Inductor prefers. Traced
+(`insert_traced`): a fragment written as plain tensor code (collectives.py's exchanges) is traced once per
+signature with make_fx and its ops are copied in; see `trace_fragment` for what a fragment may do.
 """
 from __future__ import annotations
 
+import functools
 import operator
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import sympy
 import torch
 import torch.fx as fx
-from torch.utils._sympy.functions import CeilDiv, CleanDiv, FloorDiv, Max, Min, Mod, PowByNatural, PythonMod
+from torch.utils._sympy.interp import sympy_interp
+
+from paracompile.meta import mark_fragment
 
 aten = torch.ops.aten
 GraphSize = Union[int, fx.Node]
@@ -41,49 +50,22 @@ class GraphBuilder:
         raise TypeError(f"expected an int or SymInt size, got {value!r}")
 
     def _expression(self, expr: sympy.Expr) -> GraphSize:
-        if expr.is_Integer:
-            return int(expr)
-        if expr.is_Symbol:
-            if expr not in self.symbol_values and expr in self.symbol_sources:
-                tensor, dim = self.symbol_sources[expr]
-                self.symbol_values[expr] = self.call(aten.sym_size.int, tensor, dim)
-            if expr not in self.symbol_values:
-                raise NotImplementedError(
-                    f"paracompile: the symbolic size {expr} is not an input of the graph, so the rewritten "
-                    "graph cannot compute it"
-                )
-            return self.symbol_values[expr]
-        parts = [self._expression(arg) for arg in expr.args]
-        if isinstance(expr, sympy.Add):
-            result = parts[0]
-            for part in parts[1:]:
-                result = self.add(result, part)
-            return result
-        if isinstance(expr, sympy.Mul):
-            result = parts[0]
-            for part in parts[1:]:
-                result = self.mul(result, part)
-            return result
-        if isinstance(expr, (sympy.Pow, PowByNatural)) and expr.args[1].is_Integer and int(expr.args[1]) >= 1:
-            result = parts[0]
-            for _ in range(int(expr.args[1]) - 1):
-                result = self.mul(result, parts[0])
-            return result
-        if isinstance(expr, FloorDiv):
-            return self.floordiv(parts[0], parts[1])
-        if isinstance(expr, CleanDiv):
-            return self.floordiv(parts[0], parts[1])
-        if isinstance(expr, CeilDiv):
-            return self.ceildiv(parts[0], parts[1])
-        if isinstance(expr, (Mod, PythonMod)):
-            return self._binary(operator.mod, parts[0], parts[1])
-        if isinstance(expr, Min):
-            return self.minimum(*parts)
-        if isinstance(expr, Max):
-            return self.maximum(*parts)
-        raise NotImplementedError(
-            f"paracompile: cannot rebuild the symbolic size {expr} ({type(expr).__name__}) in the rewritten graph"
-        )
+        try:
+            return sympy_interp(_SizeArithmetic(self), self.symbol_values, expr, missing_handler=self._symbol)
+        except (KeyError, AttributeError):  # a sympy function torch's table or this builder has no handler for
+            raise NotImplementedError(
+                f"paracompile: cannot rebuild the symbolic size {expr} ({type(expr).__name__}) in the rewritten "
+                "graph") from None
+
+    def _symbol(self, symbol: sympy.Symbol) -> fx.Node:
+        """A symbol that is no SymInt input: read from the input tensor whose size it is, once."""
+        if symbol not in self.symbol_sources:
+            raise NotImplementedError(
+                f"paracompile: the symbolic size {symbol} is not an input of the graph, so the rewritten "
+                "graph cannot compute it")
+        tensor, dim = self.symbol_sources[symbol]
+        self.symbol_values[symbol] = self.call(aten.sym_size.int, tensor, dim)
+        return self.symbol_values[symbol]
 
     # Integer arithmetic on ints (folded) and graph nodes (emitted).
     def _binary(self, op, a: GraphSize, b: GraphSize) -> GraphSize:
@@ -156,3 +138,87 @@ class GraphBuilder:
             return tensor
         pad = [0, 0] * (ndim - 1 - dim) + [0, amount]
         return self.call(aten.constant_pad_nd.default, tensor, pad, 0.0)
+
+    # Traced fragments.
+    def insert_traced(self, fragment: Callable, inputs: list[fx.Node], ndims: list[int], **constants: Any):
+        """The ops `fragment(*inputs, **constants)` calls, appended to the graph (trace_fragment); returns
+        what it returns, as nodes of this graph. `ndims`: each input's number of dims."""
+        traced = trace_fragment(fragment, tuple(ndims), tuple(sorted(constants.items())))
+        env = dict(zip([node for node in traced.nodes if node.op == "placeholder"], inputs))
+        for node in traced.nodes:
+            if node.op == "output":
+                return fx.map_arg(node.args[0], env.__getitem__)
+            if node.op == "call_function":
+                args, kwargs = fx.map_arg((node.args, node.kwargs), env.__getitem__)
+                env[node] = mark_fragment(self.call(node.target, *args, **kwargs), fragment.__name__)
+            elif node.op != "placeholder":
+                raise AssertionError(f"paracompile: fragment {fragment.__name__} traced to a {node.op} node")
+        raise AssertionError("a traced graph ends in an output node")
+
+
+class _SizeArithmetic:
+    """sympy_interp's handlers for the integer functions sizes use, emitting through the builder's folding
+    arithmetic, so a static part of an expression stays a constant. (No CeilDiv: torch builds one as a
+    FloorDiv or a CleanDiv.)"""
+
+    def __init__(self, builder: GraphBuilder):
+        self.add, self.mul, self.floordiv = builder.add, builder.mul, builder.floordiv
+        self.minimum, self.maximum = builder.minimum, builder.maximum
+        self.mod = self.python_mod = functools.partial(builder._binary, operator.mod)
+
+    @staticmethod
+    def constant(value, dtype) -> int:
+        if dtype is not torch.int64:
+            raise NotImplementedError(f"paracompile: a size expression holds the non-integer {value}")
+        return int(value)
+
+    def pow_by_natural(self, base: GraphSize, exponent: GraphSize) -> GraphSize:
+        if not isinstance(exponent, int) or exponent < 1:
+            raise NotImplementedError(f"paracompile: cannot rebuild a size raised to the power {exponent}")
+        result = base
+        for _ in range(exponent - 1):
+            result = self.mul(result, base)
+        return result
+
+
+# A traced fragment's example inputs: every dim its own symbol, with a hint that every group size up to 16
+# divides (a fragment may split a dim over the ranks; the meta functions check it on the hints).
+_EXAMPLE_HINT = 720720
+
+
+@functools.lru_cache(maxsize=None)
+def trace_fragment(fragment: Callable, ndims: tuple[int, ...], constants: tuple) -> fx.Graph:
+    """`fragment(*tensors, **dict(constants))` on tensors of these ranks, traced by make_fx: pre-dispatch,
+    so the graph holds the ops the fragment calls as it calls them (`contiguous`, `movedim` and `reshape`
+    stay themselves instead of becoming what the example's strides would make of them), and symbolic, so
+    an input size the fragment passes on becomes a `sym_size` node of whatever the fragment is inserted on.
+
+    What a fragment may do: call tensor ops and functional collectives; its own sizes (dims, splits, group
+    sizes) are Python ints among `constants`, so the trace is the same for every graph and is made once per
+    signature. What it must not do: branch on its inputs' sizes (the trace would keep the branch the example
+    took). Sizes that are symbolic in the rewritten graph are the builder's (`size` and its arithmetic):
+    make_fx would need example values of them that agree with the tensors', which the rewrite does not have.
+
+    Traced in a fake mode and ShapeEnv of its own, outside Dynamo's tracing context: the trace's guards
+    (the meta functions' checks on example sizes) must not reach the guards of the graph being compiled."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    shape_env = ShapeEnv(duck_shape=False)  # a symbol per dim: sym_size of the right dim, never a look-alike
+    mode = FakeTensorMode(shape_env=shape_env)
+    mode.cache_enabled = False  # its cache entries cost more than tracing a fragment (traced once)
+
+    def example(position: int, ndim: int) -> torch.Tensor:
+        sizes = [shape_env.create_symintnode(shape_env.create_symbol(
+            _EXAMPLE_HINT, ConstantSource(f"input{position}_dim{dim}"), dynamic_dim=DimDynamic.DYNAMIC),
+            hint=_EXAMPLE_HINT) for dim in range(ndim)]
+        with mode:
+            return torch.empty(sizes, device="meta")
+
+    examples = [example(position, ndim) for position, ndim in enumerate(ndims)]
+    with torch._guards.tracing(None):
+        traced = make_fx(functools.partial(fragment, **dict(constants)), tracing_mode="symbolic",
+                         pre_dispatch=True)(*examples)
+    return traced.graph

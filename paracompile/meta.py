@@ -5,7 +5,9 @@ Invariant: a node a pass emits in place of an original node (the op itself on sh
 fallback, a rewritten attention's output) carries the original's ORIGIN_KEYS, so later passes and reports
 see which module it belongs to (First Block Cache finds the block loop by `nn_module_stack`) and errors
 point at the model's source line. Nodes emitted around it (slices, pads, collectives) carry none: they
-belong to no module of the model.
+belong to no module of the model. Nodes copied in from a traced fragment (graph_builder.insert_traced)
+carry only the name of their fragment: the trace's own meta (fake values of its private ShapeEnv, stack
+traces into paracompile) would describe another graph.
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ ORIGIN_KEYS = (NN_MODULE_STACK, STACK_TRACE, SOURCE_FN_STACK)
 # Set by the attention strategies on a rewritten attention's output: "ulysses", "ulysses_chunked" or "ring".
 # backend.overlap_patches reads it to pick Inductor's reordering passes.
 ATTENTION_KIND = "paracompile_attention"
+# Set by graph_builder.insert_traced on every node it copies in: the fragment (a function of collectives.py)
+# that traced it. Read by nothing in the pipeline; it says where a node of a rewritten graph came from.
+FRAGMENT = "paracompile_fragment"
 
 
 def copy_origin(new: fx.Node, original: fx.Node) -> fx.Node:
@@ -41,3 +46,9 @@ def mark_attention(output: fx.Node, original: fx.Node, kind: str) -> fx.Node:
 
 def attention_kind(node: fx.Node):
     return node.meta.get(ATTENTION_KIND)
+
+
+def mark_fragment(new: fx.Node, fragment: str) -> fx.Node:
+    """`new` was copied in from the traced fragment named `fragment`: that name, and no origin."""
+    new.meta[FRAGMENT] = fragment
+    return new

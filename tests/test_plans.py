@@ -275,3 +275,43 @@ def test_a_source_is_cut_with_the_segments_its_users_need_before_the_rewrite(fak
     runs.clear()
     plan_of("toy", {"ulysses": 2})
     assert runs == [1]
+
+
+def test_each_compile_keeps_its_report_and_graph_on_a_context_its_callable_carries(fake_rank0):
+    """The backend makes one CompileContext per call (paracompile/context.py): the callable it returns
+    carries it, with that compile's report, rewritten graph and resolved mesh; the public registry
+    (`paracompile.explanations()`) holds every compile's texts as well."""
+    import paracompile
+    from paracompile import paracompile_backend
+
+    returned = []
+
+    def capturing(gm, example_inputs):
+        returned.append(paracompile_backend(gm, example_inputs, options={"compiler": "eager", "check_inputs": "off"}))
+        return returned[-1]
+
+    for name in ("toy", "flux"):
+        model, inputs = _model(name)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(model, backend=capturing)(**inputs)
+    contexts = [compiled.paracompile_context for compiled in returned]
+    assert len(contexts) == 2 and contexts[0] is not contexts[1]
+    for context in contexts:
+        assert context.records == [context.report.format()]
+        assert "ulysses over 2 ranks" in context.records[0]
+        assert context.mesh.degrees == {"batch": 1, "ring": 1, "ulysses": 2} and context.mesh.auto_reason
+        assert context.options.compiler == "eager"
+        assert context.records[0] in paracompile.explanations()
+        assert any(graph is context.rewritten_graph for graph in backend.rewritten_graphs)
+    assert contexts[0].rewritten_graph is not contexts[1].rewritten_graph
+
+
+def test_a_callable_that_takes_no_attribute_is_wrapped_to_carry_its_context():
+    from paracompile.context import CompileContext, with_context
+    from paracompile.mesh import resolve_mesh
+    from paracompile.options import parse_options
+
+    context = CompileContext(parse_options({}), resolve_mesh("auto"))
+    wrapped = with_context(torch.nn.Identity().forward, context)  # a bound method
+    assert wrapped.paracompile_context is context and wrapped(3) == 3

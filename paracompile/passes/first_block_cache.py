@@ -28,7 +28,6 @@ made the same plan, and turns the cache off if not.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import operator
 import re
 import warnings
@@ -39,6 +38,7 @@ import torch
 import torch.fx as fx
 
 from paracompile.cache import FirstBlockCache
+from paracompile.context import CompileContext
 from paracompile.explain import describe_node, shape_text
 from paracompile.options import Options
 from paracompile.passes.block_loop import BlockRegion, CacheUnavailable, block_of, dotted, find_block_region
@@ -47,7 +47,6 @@ from paracompile.passes.sharding_rules import is_size_query
 from paracompile.passes.trace_to_aten import aten_graph_with_values
 from paracompile.runtime import model_state_positions, readable_input_name
 
-logger = logging.getLogger("paracompile")
 aten = torch.ops.aten
 HEAD, REST, TAIL = "head", "rest", "tail"
 
@@ -476,13 +475,14 @@ def describe_plan(plan: CachePlan, options: Options) -> list[str]:
 # Entry point (called by backend.compile_graph when threshold > 0)
 
 
-def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, options: Options,
-                                   compile_graph: Callable, record: Callable[[str], None]) -> Callable:
+def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, context: CompileContext,
+                                   compile_graph: Callable) -> Callable:
     """Compiles `gm` (Dynamo's graph at world size 1, the final aten graph otherwise) with the cache, or
     without it (and with a warning) when the graph has no block loop to cache. `compile_graph` compiles
-    each part (the backend's, with threshold 0); `record` keeps the cache's report (the backend's registry
-    of explanations)."""
-    plain_options = dataclasses.replace(options, threshold=0.0)
+    each part (the backend's, given the context with threshold 0); the cache's report goes to the
+    context's records."""
+    options = context.options
+    plain = context.with_options(dataclasses.replace(options, threshold=0.0))
     # Inductor compiles the parts from these shapes, so the guards the propagation needs must hold; the
     # eager compiler runs real tensors, and a guard on this rank's local size would only make the ranks
     # recompile at different times.
@@ -493,16 +493,14 @@ def compile_with_first_block_cache(gm: fx.GraphModule, example_inputs: list, opt
     except CacheUnavailable as error:
         warnings.warn(f"paracompile: threshold {options.threshold:g} but no First Block Cache for this graph: "
                       f"{error}; compiling it without the cache", stacklevel=2)
-        record(f"first block cache: off ({error})")
-        return compile_graph(gm, example_inputs, plain_options)
+        context.record(f"first block cache: off ({error})")
+        return compile_graph(gm, example_inputs, plain)
 
     _check_timestep_found(plan, options, gm)
     split = split_graph(gm, plan)
     report = "\n".join(describe_plan(plan, options))
-    record(report)
-    if options.explain:
-        logger.warning(report)
-    parts = {name: compile_graph(graph, split.example_values[name], plain_options, name=f"the cache's {name} part")
+    context.record(report)
+    parts = {name: compile_graph(graph, split.example_values[name], plain, name=f"the cache's {name} part")
              for name, graph in ((HEAD, split.head), (REST, split.rest), (TAIL, split.tail))}
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     # Inputs named after the module's state are its weights; the others are the call's data.

@@ -138,10 +138,10 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
         if step < ring.size - 1:
             # Start moving the next block before attending to this one, so the two overlap.
             if same_kind:
-                pending = collectives.send_to_next_rank(builder, block, ring)
+                pending = collectives.send_to_next_rank(builder, block, ndim + 1, ring)
             else:
-                pending = (collectives.send_to_next_rank(builder, key, ring),
-                           collectives.send_to_next_rank(builder, value, ring))
+                pending = (collectives.send_to_next_rank(builder, key, ndim, ring),
+                           collectives.send_to_next_rank(builder, value, ndim, ring))
         if same_kind:
             step_key = builder.call(aten.select.int, block, 0, 0)
             step_value = builder.call(aten.select.int, block, 0, 1)
@@ -150,7 +150,7 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
         length = block_lengths[source]
         if isinstance(length, int) and length == 0:
             # The block holds no keys (its ranks' shards are empty): nothing to attend to.
-            block, key, value, pending = _receive(builder, pending, same_kind, block, key, value)
+            block, key, value, pending = _receive(builder, pending, same_kind, block, key, value, ndim)
             continue
         # A block whose length is symbolic may turn out empty: attend to at least one (padding) key and
         # discard the step's result below if it was empty.
@@ -206,7 +206,7 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
             output = builder.call(aten.add.Tensor, output, builder.call(
                 aten.mul.Tensor, weight, builder.call(aten.sub.Tensor, step_output, output)))
             log_sum_exp = merged_lse
-        block, key, value, pending = _receive(builder, pending, same_kind, block, key, value)
+        block, key, value, pending = _receive(builder, pending, same_kind, block, key, value, ndim)
 
     output = builder.call(aten._to_copy.default, output, dtype=query_value.dtype)
     if query_length is not None:
@@ -214,7 +214,7 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
     # Later passes (First Block Cache) find attention, and the module it belongs to, by these.
     mark_attention(output, node, "ring")
     if ulysses_size > 1:
-        output = collectives.scatter_tokens_gather_heads(builder, output, head_dim, token_dim, ulysses)
+        output = collectives.scatter_tokens_gather_heads(builder, output, head_dim, token_dim, ulysses, ndim)
         output = collectives.unpad_chunks(builder, output, query_layout, sequence)
     rewriter.bind_sharded(node, output, query_layout)
     inner = f"ulysses {ulysses_size} inside, " if ulysses_size > 1 else ""
@@ -225,13 +225,13 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
         f"{'' if even_blocks else ', uneven blocks'})")
 
 
-def _receive(builder, pending, same_kind, block, key, value):
-    """Waits for the block in flight, if any: it becomes the block in hand."""
+def _receive(builder, pending, same_kind, block, key, value, ndim):
+    """Waits for the block in flight, if any: it becomes the block in hand (`ndim`: the keys' dims)."""
     if pending is not None:
         if same_kind:
-            block = collectives.wait_for_next_rank(builder, pending)
+            block = collectives.wait_for_next_rank(builder, pending, ndim + 1)
         else:
-            key, value = (collectives.wait_for_next_rank(builder, p) for p in pending)
+            key, value = (collectives.wait_for_next_rank(builder, p, ndim) for p in pending)
     return block, key, value, None
 
 

@@ -42,6 +42,7 @@ def shard_batch(gm: fx.GraphModule, group: ProcessGroupInfo, report: Report) -> 
             seeds.append((mask, 0))
     sharded = shard_tokens(gm, group, report, BatchAttention(), demands=find_axis_sources(seeds))
     sharded.graph.eliminate_dead_code()
+    sharded.graph.lint()
     sharded.recompile()
     propagate_fake_values(sharded)  # the token pass reads shapes from node.meta["val"]
     return sharded

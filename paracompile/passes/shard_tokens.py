@@ -296,7 +296,7 @@ class TokenShardingRewriter:
         new = self.emit(target, args)
         copy_origin(new, node)
         if sharding.partial is not None:
-            new = collectives.all_reduce(self.builder, new, self.group, sharding.partial)
+            new = collectives.all_reduce(self.builder, new, node.meta["val"].dim(), self.group, sharding.partial)
             self.report.reductions.append(f"{describe_node(node)}: reduces over the token axis; each rank's "
                                           f"partial {sharding.partial} all-reduced to {shape_text(node)}")
         self._after_write(node)

@@ -213,7 +213,7 @@ def _ulysses(rewriter, node, view, layouts, heads, key_heads, chunks: int = 1) -
         output = _attend(rewriter, node, view, query_all, key_all, value_all, local_mask, enable_gqa, "ulysses")
         if query_in_global_order:
             output = collectives.global_to_rank_major(builder, output, ndim, query_layout, group)
-        output = collectives.scatter_tokens_gather_heads(builder, output, head_dim, token_dim, group)
+        output = collectives.scatter_tokens_gather_heads(builder, output, head_dim, token_dim, group, ndim)
     output = collectives.unpad_chunks(builder, output, query_layout, group)
     rewriter.bind_sharded(node, output, query_layout)
     order = "global token order" if (query_in_global_order or keys_in_global_order) else "rank-major token order"
@@ -263,7 +263,7 @@ def _fused_exchange(rewriter, node, view, local, query_layout, key_layout, value
         pieces = [[heads_of_chunk(t, chunk) for t in padded] for chunk in range(chunks)]
     inbound = collectives.HeadsOut(builder, head_dim, token_dim, ndim, group)
     pending_in = [inbound.start(piece) for piece in pieces]
-    outbound = collectives.Exchange(builder, token_dim, head_dim, group)  # tokens out, heads back
+    outbound = collectives.Exchange(builder, token_dim, head_dim, ndim, group)  # tokens out, heads back
     pending_out = []
     mask_heads = _mask_heads(view.shape(view["attn_mask"])) if local_mask is not None else None
     for chunk in range(chunks):
