@@ -17,9 +17,13 @@ ranks (with the dict layout, sequence rank = ring_index * ulysses + ulysses_inde
 
 "auto" is resolved once the graph is known (`resolve_auto`): the Ulysses degree is the largest divisor
 of the world size that divides every self-attention head count, and Ring takes the rest.
+
+Shutdown. `destroy_process_group()` frees a process group only when nothing else holds it. Compiling
+must not change that: see `release_pinned_groups`.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Optional
@@ -64,8 +68,30 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def release_pinned_groups() -> None:
+    """torch.distributed.nn.functional declares its functions with `group=group.WORLD`, a default evaluated
+    when the module is first imported. torch._dynamo imports it, and torch.compile imports torch._dynamo at
+    its first call, usually after init_process_group: the defaults then hold the default process group for
+    the rest of the process. destroy_process_group() cannot free it, so its gloo threads (the TCP loop, the
+    worker run-loops, the store's loop) live on into interpreter teardown, the state in which gloo threads can
+    abort a process (PyTorch PR 179291); issue 14's survey saw ranks abort there after correct results
+    ("terminate called without an active exception", twice in 60 two-rank runs). A default of None is what
+    an import before init_process_group gives, and means the default group to every c10d call those
+    functions make; so any process group held there is replaced by None."""
+    module = sys.modules.get("torch.distributed.nn.functional")
+    if module is None:
+        return
+    for function in vars(module).values():
+        defaults = getattr(function, "__defaults__", None)
+        if defaults and any(isinstance(value, dist.ProcessGroup) for value in defaults):
+            function.__defaults__ = tuple(None if isinstance(value, dist.ProcessGroup) else value
+                                          for value in defaults)
+
+
 def resolve_mesh(mesh: Any) -> MeshPlan:
     world_size = _world_size()
+    if world_size > 1:
+        release_pinned_groups()
     if isinstance(mesh, str):
         if mesh != "auto":
             raise ValueError(f"paracompile: option 'mesh' must be 'auto', a dict of {list(MESH_DIM_NAMES)} "

@@ -58,6 +58,10 @@ exit code. After the first failure the other ranks get a few seconds to report
 their own errors, then they are killed, so a rank stuck in a collective waiting
 for a dead peer cannot hang the test run. The whole call is bounded by
 ``timeout`` seconds.
+
+A rank that sent its result and then died on the way out (an abort at
+interpreter exit) goes unnoticed by default; with ``check_exit_codes=True`` every
+rank must also exit with status 0, or ``RankFailure`` names its exit code.
 """
 
 from __future__ import annotations
@@ -103,19 +107,21 @@ def run_on_ranks(
     world_size: int,
     *args: Any,
     timeout: float = 300,
+    check_exit_codes: bool = False,
     **kwargs: Any,
 ) -> list[Any]:
     """Call ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks.
 
     Returns the ranks' return values in rank order. Raises ``RankFailure`` with
     the rank number and the remote traceback if any rank fails, or if the ranks
-    do not all finish within ``timeout`` seconds.
+    do not all finish within ``timeout`` seconds; with ``check_exit_codes``, also
+    when a rank that sent its result exits with another status than 0.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
     for attempt in range(_PORT_ATTEMPTS):
         try:
-            return _launch(fn, world_size, args, kwargs, timeout)
+            return _launch(fn, world_size, args, kwargs, timeout, check_exit_codes)
         except RankFailure as failure:
             port_was_taken = "address already in use" in str(failure).lower()
             if not port_was_taken or attempt == _PORT_ATTEMPTS - 1:
@@ -123,7 +129,7 @@ def run_on_ranks(
     raise AssertionError("unreachable")
 
 
-def _launch(fn, world_size, args, kwargs, timeout) -> list[Any]:
+def _launch(fn, world_size, args, kwargs, timeout, check_exit_codes=False) -> list[Any]:
     """Start one process per rank, collect one message from each, clean up."""
     context = get_context("spawn")
     init_method = f"tcp://127.0.0.1:{_find_free_port()}"
@@ -162,6 +168,11 @@ def _launch(fn, world_size, args, kwargs, timeout) -> list[Any]:
             for rank, text in failures.items()
         )
         raise RankFailure(f"run_on_ranks({getattr(fn, '__qualname__', fn)!r}) failed\n\n{report}")
+    exits = {rank: process.exitcode for rank, process in enumerate(processes) if process.exitcode != 0}
+    if check_exit_codes and exits:
+        raise RankFailure(f"run_on_ranks({getattr(fn, '__qualname__', fn)!r}): every rank sent its result, but "
+                          + ", ".join(f"rank {rank} then exited with code {code}" for rank, code in exits.items())
+                          + " (a negative code is the signal that ended it: -6 is SIGABRT)")
     return [results[rank] for rank in range(world_size)]
 
 

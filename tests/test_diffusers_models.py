@@ -1,11 +1,12 @@
-"""The 10 tiny diffusers transformers (tests/tiny_models.py), called as their pipelines call them.
+"""The tiny diffusers transformers (tests/tiny_models.py), called as their pipelines call them.
 
 One `run_on_ranks` call per world size runs every model inside the ranks (spawning processes and
 importing diffusers costs seconds, so it is done once per world size); the tests then look at the
-per-model results, so each model still shows as its own test.
+per-model results, so each model still shows as its own test. A third world (at the end of this module)
+runs the models added for issue 14 on Ulysses 2 and Ring 2.
 
 Sizes are "uneven": 5x7 image tokens (video: 3 frames of 5x7) and 6 text tokens, so neither the
-image tokens nor image + text divide by 2 or 4 ranks. World size 2 runs all 10 models. World size 4
+image tokens nor image + text divide by 2 or 4 ranks. World size 2 runs the first 13 models. World size 4
 (4 ranks on 2 CI cores compile at half speed) runs 6 of them with batch 2 (the CFG batch: prompts of
 different lengths, so the text masks differ per row); it leaves out SD3 (the slowest to trace),
 Wan t2v (its attention layouts are a subset of Wan i2v's), CogVideoX (joint attention without a
@@ -14,7 +15,7 @@ mask, like FLUX) and Mochi (see below).
 Mochi: its main attention (MochiAttnProcessor2_0) loops over the batch with data-dependent masking,
 which breaks Dynamo's graph, so the self-attention runs eagerly outside paracompile's graph and is
 not parallelised; only the caption attention pool is in the graph. For Mochi only correctness is
-checked.
+checked here; the third world runs it in one graph (Dynamo's capture_dynamic_output_shape_ops), sharded.
 """
 from __future__ import annotations
 
@@ -151,3 +152,66 @@ def test_flux_inductor_graph_uses_ulysses(flux_inductor_results):
     for result in flux_inductor_results:
         assert result["error"] is None, result["error"]
         assert sum(graph["all_to_all"] for graph in result["graphs"]) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Five more models, and Mochi in one graph, each on Ulysses 2 and Ring 2, in one 2-rank world (one spawn and
+# one diffusers import for all twelve runs). Latte shards its frames: its temporal attention exchanges them,
+# its spatial attention runs on each rank's frames with no communication. HunyuanImage's per-sample text
+# reordering (boolean-mask indexing in a loop) makes Dynamo fall back to eager for the forward and compile
+# each block on its own; the graphs without attention (embeddings, the final layer) run replicated with a
+# warning. Mochi with Dynamo's capture_dynamic_output_shape_ops (the user's setting) keeps its per-sample
+# `nonzero` in the graph: its joint attention runs sharded over the image tokens and the valid text tokens
+# (a data-dependent segment).
+
+BOTH_MESHES = ["sana_video", "flux2", "consisid", "latte", "hunyuan_image", "mochi"]
+MESHES = {"ulysses2": {"ulysses": 2}, "ring2": {"ring": 2}}
+DYNAMO_CONFIG = {"mochi": {"capture_dynamic_output_shape_ops": True}}
+# What some report of each model says, besides the strategy's own line ("ulysses over 2 ranks", ...).
+ALSO_REPORTED = {"latte": "local (split along dim 0", "sana_video": PARTIAL_SUM,
+                 # the caption pooler attends from one pooled query to the text: nothing to split
+                 "mochi": "in time_embed.pooler: replicated (no input is token-sharded)"}
+NO_ATTENTION_WARNING = "the graph has no scaled_dot_product_attention"
+BOTH_MESH_CASES = [(name, mesh) for name in BOTH_MESHES for mesh in MESHES]
+
+
+def _run_both_meshes(rank, world_size, names):
+    import warnings
+
+    from tests.tiny_models import CASES
+
+    results = {}
+    for name in names:
+        case = CASES[name]
+        for mesh_name, mesh in MESHES.items():
+            torch._dynamo.reset()
+            with warnings.catch_warnings(record=True) as caught, torch._dynamo.config.patch(DYNAMO_CONFIG.get(name, {})):
+                warnings.simplefilter("always")
+                result = run_compiled_vs_eager(case.build(), case.make_inputs(seed=0, size="uneven"),
+                                               {"compiler": "eager", "mesh": mesh}, case.output, record=False)
+            result["warnings"] = [str(warning.message) for warning in caught if "paracompile" in str(warning.message)]
+            results[(name, mesh_name)] = without_callables(result)
+    torch._dynamo.reset()
+    return results
+
+
+@pytest.fixture(scope="module")
+def both_meshes_ws2():
+    per_rank = run_on_ranks(_run_both_meshes, 2, BOTH_MESHES, timeout=900)
+    return {key: [ranks[key] for ranks in per_rank] for key in per_rank[0]}
+
+
+@pytest.mark.parametrize("name, mesh", BOTH_MESH_CASES, ids=[f"{mesh}-{name}" for name, mesh in BOTH_MESH_CASES])
+def test_matches_eager_with_every_attention_sharded(both_meshes_ws2, name, mesh):
+    ranks = both_meshes_ws2[(name, mesh)]
+    assert_ranks_match(ranks, f"{name} {mesh}")
+    strategy = PARTIAL_SUM if name in LINEAR_SELF_ATTENTION | {"sana_video"} else (
+        "ulysses over 2 ranks" if mesh == "ulysses2" else "ring over 2 ranks")
+    for result in ranks:
+        reports = "\n".join(result["explanations"])
+        assert result["explanations"] and strategy in reports, reports
+        assert ALSO_REPORTED.get(name, strategy) in reports, reports
+        assert reports.count(": replicated (") == (name == "mochi"), reports
+        # Only HunyuanImage breaks its graph: its graphs without attention warn that they run replicated.
+        assert any(NO_ATTENTION_WARNING in text for text in result["warnings"]) == (name == "hunyuan_image"), \
+            result["warnings"]

@@ -22,20 +22,17 @@ TESTED = {
     "HiDreamImageTransformer2DModel": ["hidream"],
     "Lumina2Transformer2DModel": ["lumina2"],
     "SanaTransformer2DModel": ["sana"],
+    "SanaVideoTransformer3DModel": ["sana_video"],
+    "Flux2Transformer2DModel": ["flux2"],
+    "ConsisIDTransformer3DModel": ["consisid"],
+    "LatteTransformer3DModel": ["latte"],
+    "HunyuanImageTransformer2DModel": ["hunyuan_image"],
 }
 
 NO_TINY_CONFIG_YET = "no tiny config in the suite yet (issue 14)"
-SURVEYED = ("ran sharded and matched eager on Ulysses 2 and Ring 2 in issue 14's survey; " + NO_TINY_CONFIG_YET)
 
 # class -> why the suite does not run it (yet), with what is known
 NOT_IN_SUITE = {
-    "SanaVideoTransformer3DModel": "matches eager on Ulysses 2 and Ring 2 (checked by hand on 2026-11-28 with "
-                                   "diffusers' own test config, even and uneven sizes), and its linear attention's sums over tokens "
-                                   "are partial sums, all-reduced, as Sana's (the suite runs Sana); "
-                                   + NO_TINY_CONFIG_YET,
-    "Flux2Transformer2DModel": SURVEYED + "; one process aborted at exit twice in 60 runs",
-    "ConsisIDTransformer3DModel": SURVEYED + "; one process aborted at exit twice in 60 runs",
-    "LatteTransformer3DModel": SURVEYED + "; it pays an all-gather at each spatial/temporal switch",
     "Transformer2DModel": "the generic transformer block stack (PixArt's predecessor, UNet attention); "
                           + NO_TINY_CONFIG_YET,
     "TransformerTemporalModel": "a temporal attention stack used inside video UNets, not a DiT entry point; "
@@ -50,7 +47,7 @@ for _name in [
     "CogView3PlusTransformer2DModel", "CogView4Transformer2DModel", "CosmosTransformer3DModel",
     "DiTTransformer2DModel", "DreamLiteTransformer2DModel", "EasyAnimateTransformer3DModel",
     "ErnieImageTransformer2DModel", "Flux3Transformer2DModel", "GlmImageTransformer2DModel",
-    "HeliosTransformer3DModel", "HunyuanImageTransformer2DModel", "HunyuanVideo15Transformer3DModel",
+    "HeliosTransformer3DModel", "HunyuanVideo15Transformer3DModel",
     "HunyuanVideoFramepackTransformer3DModel", "Ideogram4Transformer2DModel", "JoyImageEditPlusTransformer3DModel",
     "JoyImageEditTransformer3DModel", "Kandinsky5Transformer3DModel", "Kandinsky6SRTransformer3DModel",
     "Kandinsky6Transformer3DModel", "Krea2Transformer2DModel", "LTX2VideoTransformer3DModel",

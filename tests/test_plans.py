@@ -7,6 +7,8 @@ write the shards cannot follow), as many as the model needs. A broken token rule
 gather or a replicated attention."""
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,7 +21,8 @@ from tests.toy_dit import ToyDiT, toy_inputs
 aten = torch.ops.aten
 
 EXIT_REASONS = ("graph output", "it splits or merges the token axis with other dims", "it reduces over the token axis",
-                "writes in place into it through a view the shards cannot follow")
+                "writes in place into it through a view the shards cannot follow",
+                "advanced indexing may pick any token")
 
 # model -> (attentions, gathers) its plan has on 2 ranks
 PLANS = {
@@ -27,14 +30,29 @@ PLANS = {
     "flux": (3, 1),
     "sd3": (3, 1),
     "wan_t2v": (4, 1),
-    # The token refiner's in-place fill through a view, and the output; its masked mean over the text
-    # tokens is a partial sum (all-reduced).
+    # The token refiner's masked mean over text tokens is a partial sum; its mask's in-place write gathers.
     "hunyuan_video": (4, 2),
     "qwen_image": (2, 1),
     # Linear self-attention: its token contractions are partial sums (all-reduced); each block's
     # convolution over the image (an unflatten of the tokens) and the output gather.
     "sana": (2, 3),
+    "sana_video": (2, 3),  # and its normaliser, a sum over the tokens, is a partial sum too
+    "flux2": (2, 1),
+    # CogVideoX's in-place rotary update of q and k: the views it read them through are not rebuilt.
+    "consisid": (1, 1),
+    # The token axis is the frames (the temporal blocks' sequence): the spatial blocks' attention is split
+    # along its batch of frames, and the unpatchify einsum keeps the frames split.
+    "latte": (3, 1),
+    # One graph with Dynamo's capture_dynamic_output_shape_ops (DYNAMO_CONFIG): the joint attention over image
+    # and valid text tokens (a data-dependent segment) on shards; block 1 indexes the text stream, which block
+    # 0 left split, with the valid-token indices (3 gathers of text), and the unpatchify.
+    "mochi": (3, 4),
 }
+# What an attention line says when it runs sharded without a strategy's exchange, or has nothing to split
+# (Mochi's caption pooler attends from one pooled query to the text).
+NO_EXCHANGE = ("local (keys/values replicated", "local (split along dim", "replicated (no input is token-sharded)")
+# Dynamo settings a model is compiled with: Mochi's per-sample `nonzero` stays in its graph with this one.
+DYNAMO_CONFIG = {"mochi": {"capture_dynamic_output_shape_ops": True}}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +80,7 @@ def plan_of(name: str, mesh: dict) -> dict:
     model, inputs = _model(name)
     torch._dynamo.reset()
     backend.explanations.clear()
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(DYNAMO_CONFIG.get(name, {})):
         torch.compile(model, backend="paracompile",
                       options={"compiler": "eager", "mesh": mesh, "check_inputs": "off"})(**inputs)
     sections, current = {}, None
@@ -83,7 +101,7 @@ def test_every_attention_is_sharded_and_the_only_gathers_are_exits(fake_rank0, n
     strategy = "ulysses over 2 ranks" if "ulysses" in mesh else "ring over 2 ranks"
     assert len(plan["attention"]) == attentions, plan["attention"]
     for line in plan["attention"]:
-        assert strategy in line or "local (keys/values replicated" in line, line
+        assert strategy in line or any(text in line for text in NO_EXCHANGE), line
     assert len(plan.get("gathered", [])) == gathers, plan.get("gathered")
     for line in plan.get("gathered", []):
         assert any(reason in line for reason in EXIT_REASONS), line
@@ -195,7 +213,7 @@ def test_ulysses_attention_reads_its_inputs_where_the_exchange_left_them(fake_ra
         assert all(storage in recorder.exchanged for storage in storages)
 
 
-def _sharding_of(model, inputs, mesh: dict):
+def _sharding_of(model, inputs, mesh: dict, dynamo_config: Optional[dict] = None):
     """Each Dynamo graph of `model` with attention, planned (sharding_plan.plan_sharding) and rewritten
     (shard_tokens.TokenShardingRewriter) by hand as the backend would: [(plan, rewriter, report)]."""
     from paracompile.explain import Report
@@ -212,7 +230,7 @@ def _sharding_of(model, inputs, mesh: dict):
         return gm.forward
 
     torch._dynamo.reset()
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(dynamo_config or {}):
         torch.compile(model, backend=capture)(**inputs)
     mesh_plan = resolve_mesh(mesh)
     results = []
@@ -229,15 +247,18 @@ def _sharding_of(model, inputs, mesh: dict):
 
 
 @pytest.mark.parametrize("name, mesh", [(name, {"ulysses": 2}) for name in (
-    "toy", "flux", "sd3", "wan_t2v", "hunyuan_video", "qwen_image", "lumina2", "hidream")]
-    + [(name, {"ring": 2}) for name in ("toy", "flux", "lumina2", "hidream")])
+    "toy", "flux", "sd3", "wan_t2v", "hunyuan_video", "qwen_image", "lumina2", "hidream", "consisid",
+    "hunyuan_image", "mochi")]
+    + [(name, {"ring": 2}) for name in ("toy", "flux", "lumina2", "hidream", "latte")])
 def test_the_rewrite_does_what_its_plan_says(fake_rank0, name, mesh):
     """The plan is made before the rewrite, from layouts alone; the rewrite then follows it: every node ends
     with the layout the plan gave it, every attention becomes what the plan says, the same values are
     gathered, and no source needs another cut (the plan settled segment conflicts, so the rewrite runs once).
-    Lumina2 writes in place into buffers; the toy and HiDream need a cut with text and image segments."""
+    Lumina2 writes in place into buffers; the toy and HiDream need a cut with text and image segments; ConsisID
+    writes its rotary update into q and k; HunyuanImage's graph breaks leave one graph per block; Latte attends
+    along its frames and within each frame; Mochi's text segment has a data-dependent length."""
     model, inputs = _model(name)
-    graphs = _sharding_of(model, inputs, mesh)
+    graphs = _sharding_of(model, inputs, mesh, DYNAMO_CONFIG.get(name))
     assert graphs
     for plan, rewriter, report in graphs:
         actual = {}

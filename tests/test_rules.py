@@ -207,6 +207,24 @@ def test_a_new_world_gets_its_own_groups(fake_world):
     assert (before.ulysses.rank, before.ring.rank, before.sequence.rank) == (1, 0, 1)
 
 
+def test_resolving_a_mesh_releases_the_process_group_torch_pins_in_default_arguments(fake_world, monkeypatch):
+    """torch.distributed.nn.functional's `group=group.WORLD` defaults hold the default group when the module is
+    first imported after init_process_group (torch.compile's import of torch._dynamo does that), so
+    destroy_process_group() could not free it and its gloo threads lived into interpreter teardown. Resolving a
+    mesh puts None there (the default group to every call), as an import before init would have."""
+    import torch.distributed.nn.functional as functional
+
+    from paracompile.mesh import resolve_mesh
+
+    fake_world(0, 2)
+    group = dist.distributed_c10d._get_default_group()
+    monkeypatch.setattr(functional.all_reduce, "__defaults__", (dist.ReduceOp.SUM, group))
+    monkeypatch.setattr(functional.broadcast, "__defaults__", (group,))
+    resolve_mesh({"ulysses": 2})
+    assert functional.all_reduce.__defaults__ == (dist.ReduceOp.SUM, None)
+    assert functional.broadcast.__defaults__ == (None,)
+
+
 def test_batch_dim_is_outermost(fake_world):
     from paracompile.mesh import resolve_mesh
 
@@ -241,12 +259,15 @@ def test_a_contraction_over_tokens_split_alike_is_a_partial_sum():
     assert _apply(bmm, {"v_1": TokenLayout(2, (10,)), "k_1": TokenLayout(1, (10,))}).partial == "sum"
 
 
-def test_pad_keeps_the_token_axis_unless_it_pads_it():
+def test_pad_keeps_the_token_axis_and_padding_it_adds_a_segment():
+    """Padding other dims keeps the layout; constant padding of the token axis (Mochi pads each sample's
+    attention output back to the full text length) adds a segment of padding, split over the ranks like the
+    others; reflecting or cropping it declines."""
     other_dim, _ = _node(lambda x: torch.nn.functional.pad(x, (0, 0, 0, 1), value=1.0), torch.randn(1, 2, 5, 10),
                          target=aten.pad.default)
     assert _apply(other_dim, {"x_1": TokenLayout(3, (10,))}).output == TokenLayout(3, (10,))
     tokens, _ = _node(lambda x: torch.nn.functional.pad(x, (0, 2)), torch.randn(1, 2, 5, 10), target=aten.pad.default)
-    assert _apply(tokens, {"x_1": TokenLayout(3, (10,))}) is None
+    assert _apply(tokens, {"x_1": TokenLayout(3, (6, 4))}).output == TokenLayout(3, (6, 4, 2))
     assert _apply(tokens, {"x_1": TokenLayout(2, (5,))}).output == TokenLayout(2, (5,))
 
 
@@ -291,3 +312,33 @@ def test_a_float8_matrix_product_keeps_its_rows_split_with_a_per_tensor_or_per_r
         assert sharding.output == rows
         assert sharding.inputs == ({"self": rows} if scale_a.numel() == 1 else {"self": rows, "scale_a": rows})
         assert _apply(call, {"b": TokenLayout(0, (8,))}) is None, "the weight's rows are not tokens"
+    both, _ = _node(lambda x: torch.nn.functional.pad(x, (3, 2)), torch.randn(1, 2, 5, 10), target=aten.pad.default)
+    assert _apply(both, {"x_1": TokenLayout(3, (10,))}).output == TokenLayout(3, (3, 10, 2))
+    crop, _ = _node(lambda x: torch.nn.functional.pad(x, (0, -2)), torch.randn(1, 2, 5, 10), target=aten.pad.default)
+    assert _apply(crop, {"x_1": TokenLayout(3, (10,))}) is None
+    reflect, _ = _node(lambda x: torch.nn.functional.pad(x, (0, 2), mode="reflect"), torch.randn(2, 5, 10),
+                       target=aten.pad.default)
+    assert _apply(reflect, {"x_1": TokenLayout(2, (10,))}) is None
+
+
+
+def test_einsum_follows_the_token_subscript():
+    """Latte's unpatchify "nhwpqc->nchpwq" with the tokens in n keeps them at n's place in the output; an
+    einsum that sums over the token subscript of operands split alike is a partial sum; an operand split along
+    another subscript is asked for split along the token one (the pass re-splits it); a repeated token
+    subscript declines."""
+    unpatchify, _ = _node(lambda x: torch.einsum("nhwpqc->nchpwq", x), torch.randn(6, 2, 3, 2, 2, 4),
+                          target=aten.einsum.default)
+    sharding = _apply(unpatchify, {"x_1": TokenLayout(0, (6,))})
+    assert sharding.output == TokenLayout(0, (6,)) and sharding.inputs == {"tensors": [TokenLayout(0, (6,))]}
+    contraction, _ = _node(lambda v, k: torch.einsum("bnd,bne->bde", v, k), torch.randn(1, 10, 4),
+                           torch.randn(1, 10, 4), target=aten.einsum.default)
+    sharding = _apply(contraction, {"v_1": TokenLayout(1, (10,)), "k_1": TokenLayout(1, (10,))})
+    assert sharding.partial == "sum" and sharding.output is None
+    assert _apply(contraction, {"v_1": TokenLayout(1, (10,)), "k_1": TokenLayout(2, (4,))}).inputs == {
+        "tensors": [TokenLayout(1, (10,)), TokenLayout(1, (10,))]}
+    diagonal, _ = _node(lambda x: torch.einsum("bnn->bn", x), torch.randn(1, 10, 10), target=aten.einsum.default)
+    assert _apply(diagonal, {"x_1": TokenLayout(1, (10,))}) is None
+    one_side, _ = _node(lambda q, w: torch.einsum("bnd,de->bne", q, w), torch.randn(1, 10, 4), torch.randn(4, 4),
+                        target=aten.einsum.default)
+    assert _apply(one_side, {"q_1": TokenLayout(1, (10,))}).inputs == {"tensors": [TokenLayout(1, (10,)), None]}

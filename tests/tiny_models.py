@@ -368,12 +368,13 @@ def _cogvideox_build():
     return _build(CogVideoXTransformer3DModel, **_COGVIDEOX_CONFIG)
 
 
-def _cogvideox_rotary_emb(frames: int, grid_h: int, grid_w: int):
-    """CogVideoXPipeline._prepare_rotary_positional_embeddings for v1.0 (patch_size_t=None).
+def _cogvideox_rotary_emb(frames: int, grid_h: int, grid_w: int, config=None):
+    """CogVideoXPipeline._prepare_rotary_positional_embeddings for v1.0 (patch_size_t=None); ConsisIDPipeline's
+    is the same.
 
     The pipeline computes it once, from the transformer config, before the denoising loop.
     """
-    config = _COGVIDEOX_CONFIG
+    config = config or _COGVIDEOX_CONFIG
     p = config["patch_size"]
     base_w, base_h = config["sample_width"] // p, config["sample_height"] // p
     # get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h), copied from the pipeline.
@@ -664,6 +665,244 @@ def _lumina2_inputs(seed=0, size="default", batch=1):
 
 
 # ---------------------------------------------------------------------------------------------
+# Sana-Video: SanaVideoPipeline.__call__ (Gemma hidden states with their mask, flow-matching float timesteps).
+# Linear self-attention as Sana's, with a Wan-style 3D rotary table; its feed-forward convolves each frame
+# (depthwise 3x3) and then each token over time (3x1).
+# ---------------------------------------------------------------------------------------------
+
+
+def _sana_video_build():
+    from diffusers import SanaVideoTransformer3DModel
+
+    return _build(
+        SanaVideoTransformer3DModel,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        num_layers=2,
+        num_cross_attention_heads=HEADS,
+        cross_attention_head_dim=HEAD_DIM,
+        cross_attention_dim=INNER_DIM,
+        caption_channels=TEXT_DIM,
+        sample_size=16,
+        patch_size=(1, 2, 2),
+        rope_max_seq_len=64,
+    )
+
+
+def _sana_video_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    return dict(
+        hidden_states=_randn(g, batch, LATENT_CHANNELS, s.frames, 2 * s.height, 2 * s.width),
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        encoder_attention_mask=_text_mask(batch, s.text, torch.long),  # Gemma tokenizer mask
+        timestep=_timestep(g, batch),
+        return_dict=False,
+        attention_kwargs=None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# FLUX.2 [dev]: Flux2Pipeline.__call__ (Mistral hidden states, no mask; 4-axis integer position ids per sample,
+# (t, h, w, l); latents patchified to 2x2 in the channels, then packed one token per latent pixel)
+# ---------------------------------------------------------------------------------------------
+
+
+def _flux2_build():
+    from diffusers import Flux2Transformer2DModel
+
+    return _build(
+        Flux2Transformer2DModel,
+        patch_size=1,
+        in_channels=LATENT_CHANNELS * 4,  # 2x2-patchified latents
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=TEXT_DIM,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),  # sums to HEAD_DIM
+        guidance_embeds=True,
+    )
+
+
+def _flux2_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    latents = _randn(g, batch, LATENT_CHANNELS * 4, s.height, s.width)  # Flux2Pipeline.prepare_latents
+    # _prepare_latent_ids: (0, row, col, 0) per token, expanded over the batch; _prepare_text_ids: (0, 0, 0, i).
+    one = torch.arange(1)
+    img_ids = torch.cartesian_prod(one, torch.arange(s.height), torch.arange(s.width), one)
+    txt_ids = torch.cartesian_prod(one, one, one, torch.arange(s.text))
+    return dict(
+        hidden_states=latents.reshape(batch, LATENT_CHANNELS * 4, -1).permute(0, 2, 1),  # _pack_latents
+        timestep=_timestep(g, batch) / 1000,
+        guidance=torch.full([1], 4.0).expand(batch),
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        txt_ids=torch.stack([txt_ids] * batch),
+        img_ids=img_ids.unsqueeze(0).expand(batch, -1, -1),
+        joint_attention_kwargs=None,
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# ConsisID: ConsisIDPipeline.__call__ (CogVideoX-style joint attention with rotary embeddings, plus the identity
+# branch: a local facial extractor over face embeddings and a perceiver cross-attention from the video tokens to
+# the face tokens after every other block, written as matmul + softmax rather than SDPA)
+# ---------------------------------------------------------------------------------------------
+
+# The face branch's key/value width is 2/3 of the model width, so the width must divide by 3: 4 heads of 48.
+_CONSISID_HEAD_DIM = 48
+_CONSISID_CONFIG = dict(
+    num_attention_heads=HEADS,
+    attention_head_dim=_CONSISID_HEAD_DIM,
+    in_channels=2 * LATENT_CHANNELS,  # noise latents + image latents, concatenated on channels
+    out_channels=LATENT_CHANNELS,
+    time_embed_dim=32,
+    text_embed_dim=TEXT_DIM,
+    num_layers=1,
+    patch_size=2,
+    sample_width=90,
+    sample_height=60,
+    use_rotary_positional_embeddings=True,
+    is_train_face=True,
+    cross_attn_interval=1,  # the face cross-attention after the block (every other block in the real model)
+    cross_attn_dim_head=HEAD_DIM,
+    cross_attn_num_heads=HEADS,
+    LFE_id_dim=24,
+    LFE_vit_dim=16,
+    LFE_depth=2,
+    LFE_dim_head=8,
+    LFE_num_heads=2,
+    LFE_num_id_token=2,
+    LFE_num_querie=4,
+    LFE_output_dim=HEADS * _CONSISID_HEAD_DIM * 2 // 3,
+    LFE_ff_mult=2,
+    LFE_num_scale=2,
+)
+_CONSISID_VIT_TOKENS = 5  # CLIP ViT tokens per face feature (577 in the real model)
+
+
+def _consisid_build():
+    from diffusers import ConsisIDTransformer3DModel
+
+    return _build(ConsisIDTransformer3DModel, **_CONSISID_CONFIG)
+
+
+def _consisid_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    shape = (batch, s.frames, LATENT_CHANNELS, 2 * s.height, 2 * s.width)
+    latents = _randn(g, *shape)
+    # ConsisIDPipeline.prepare_latents: the encoded face image as the first frame, zero frames after it.
+    image_latents = torch.cat([_randn(g, batch, 1, *shape[2:]), torch.zeros(batch, s.frames - 1, *shape[2:])], dim=1)
+    config = _CONSISID_CONFIG
+    return dict(
+        hidden_states=torch.cat([latents, image_latents], dim=2),
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        timestep=_timestep(g, batch, dtype=torch.long),  # CogVideoXDPMScheduler: int timesteps
+        image_rotary_emb=_cogvideox_rotary_emb(s.frames, s.height, s.width, config),
+        attention_kwargs=None,
+        return_dict=False,
+        id_vit_hidden=[_randn(g, batch, _CONSISID_VIT_TOKENS, config["LFE_vit_dim"])
+                       for _ in range(config["LFE_num_scale"])],
+        id_cond=_randn(g, batch, config["LFE_id_dim"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Latte: LattePipeline.__call__ (T5 hidden states with the padding cut off, no mask; int timesteps). Spatial
+# blocks attend within each frame ([batch * frames, patches, width]), temporal blocks within each patch
+# position across frames ([batch * patches, frames, width]).
+# ---------------------------------------------------------------------------------------------
+
+# The temporal position table has exactly `video_length` rows and is added to every patch's frames, so the
+# model runs only at that frame count (16 in the real model); every size uses it.
+_LATTE_FRAMES = 3
+
+
+def _latte_build():
+    from diffusers import LatteTransformer3DModel
+
+    return _build(
+        LatteTransformer3DModel,
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        in_channels=LATENT_CHANNELS,
+        out_channels=2 * LATENT_CHANNELS,  # learned sigma
+        num_layers=1,  # one spatial and one temporal block
+        cross_attention_dim=INNER_DIM,
+        attention_bias=True,
+        sample_size=16,
+        patch_size=2,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        caption_channels=TEXT_DIM,
+        video_length=_LATTE_FRAMES,
+    )
+
+
+def _latte_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    # LattePipeline.encode_prompt(mask_feature=True) cuts the prompt to its unpadded length.
+    return dict(
+        hidden_states=_randn(g, batch, LATENT_CHANNELS, _LATTE_FRAMES, 2 * s.height, 2 * s.width),
+        encoder_hidden_states=_randn(g, batch, s.text - _TEXT_PAD, TEXT_DIM),
+        timestep=_timestep(g, batch, dtype=torch.long),
+        enable_temporal_attentions=True,
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# HunyuanImage 2.1: HunyuanImagePipeline.__call__ (Qwen2.5-VL hidden states and byT5 glyph embeddings, each
+# with its tokenizer mask; float timesteps). Per sample, the model moves the valid tokens of both texts before
+# the padded ones with boolean-mask indexing, which breaks Dynamo's graph.
+# ---------------------------------------------------------------------------------------------
+
+_BYT5_DIM = 24  # byT5 hidden size (1472 in the real model)
+
+
+def _hunyuan_image_build():
+    from diffusers import HunyuanImageTransformer2DModel
+
+    return _build(
+        HunyuanImageTransformer2DModel,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=(1, 1),
+        text_embed_dim=TEXT_DIM,
+        text_embed_2_dim=_BYT5_DIM,
+        rope_axes_dim=(8, 8),  # sums to HEAD_DIM
+    )
+
+
+def _hunyuan_image_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    glyph_tokens = s.text // 2
+    return dict(
+        hidden_states=_randn(g, batch, LATENT_CHANNELS, s.height, s.width),
+        timestep=_timestep(g, batch),
+        timestep_r=None,  # no meanflow
+        guidance=None,  # not guidance-distilled
+        attention_kwargs={},  # the pipeline replaces None with {}
+        return_dict=False,
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        encoder_attention_mask=_text_mask(batch, s.text, torch.long),
+        encoder_hidden_states_2=_randn(g, batch, glyph_tokens, _BYT5_DIM),
+        encoder_attention_mask_2=_text_mask(batch, glyph_tokens, torch.long),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
 
@@ -688,5 +927,10 @@ CASES: dict[str, TinyCase] = {
         _case("hidream", _hidream_build, _hidream_inputs),
         _case("lumina2", _lumina2_build, _lumina2_inputs),
         _case("sana", _sana_build, _sana_inputs),
+        _case("sana_video", _sana_video_build, _sana_video_inputs),
+        _case("flux2", _flux2_build, _flux2_inputs),
+        _case("consisid", _consisid_build, _consisid_inputs),
+        _case("latte", _latte_build, _latte_inputs),
+        _case("hunyuan_image", _hunyuan_image_build, _hunyuan_image_inputs),
     ]
 }

@@ -88,6 +88,10 @@ class LocalShard:
     def segment_ends(self):
         return [self.builder.add(o, n) for o, n in zip(self.sizes.local_offsets(), self.sizes.local_lengths())]
 
+    def share_of(self, length):
+        """How many tokens of a new segment of `length` (global) tokens this rank holds."""
+        return SegmentArithmetic(self.builder, TokenLayout(self.sizes.layout.dim, (length,)), self.sizes.group).local_length()
+
 
 class TokenShardingRewriter:
     def __init__(self, gm: fx.GraphModule, group: ProcessGroupInfo, report: Report, attention_strategy,
@@ -106,12 +110,15 @@ class TokenShardingRewriter:
         # settles these, so after a rewrite that followed its plan there are none a better cut would avoid.
         self.resplits: list[tuple[fx.Node, TokenLayout]] = []
         self.aliases = Aliases()
+        self.position = {node: index for index, node in enumerate(gm.graph.nodes)}
 
     # Conversions between representations -------------------------------------------------------
     def replicated(self, node: fx.Node, reason: str) -> fx.Node:
         value = self.env[node]
         if not isinstance(value, Value):
             return value
+        if value.replicated is None and value.sharded is None:
+            raise AssertionError(f"paracompile: {node.name} was left stale by an in-place write and is read again")
         if value.replicated is None:
             gathered = collectives.gather(self.builder, value.sharded, value.ndim, value.layout, self.group)
             value.replicated = collectives.with_layout_of(self.builder, gathered, value.layout.dim, node.meta["val"])
@@ -166,7 +173,6 @@ class TokenShardingRewriter:
                 new = self.graph.placeholder(node.target)
                 new.meta.update(node.meta)
                 self._bind(node, new)
-                self._record_symbols(node, new)
             elif node.op == "get_attr":
                 self._bind(node, self.graph.get_attr(node.target))
             elif node.op == "output":
@@ -175,19 +181,27 @@ class TokenShardingRewriter:
                 self.attention_strategy(self, node)
             else:
                 self._call(node)
+            self._record_symbols(node)
         self.graph.lint()
         return fx.GraphModule(self.gm, self.graph)
 
-    def _record_symbols(self, node: fx.Node, new: fx.Node) -> None:
-        """Symbolic sizes in the new graph are computed from the graph's inputs: a SymInt input is its
-        symbol; a symbol that only appears as a tensor input's size is read with sym_size when needed."""
-        value = node.meta.get("val")
+    def _record_symbols(self, node: fx.Node) -> None:
+        """Symbolic sizes in the new graph are computed from values the new graph holds: a SymInt input (or
+        a SymInt an op returns, `item()`) is its symbol; a symbol that is a size of some tensor (an input's,
+        or a data-dependent one's: `nonzero` under Dynamo's capture_dynamic_output_shape_ops) is read with
+        sym_size when needed, from the full tensor, or from a shard along another dim."""
+        value, bound = node.meta.get("val"), self.env.get(node)
         if isinstance(value, torch.SymInt) and isinstance(value.node.expr, sympy.Symbol):
-            self.builder.symbol_values[value.node.expr] = new
-        elif isinstance(value, torch.Tensor):
+            if isinstance(bound, fx.Node):
+                self.builder.symbol_values.setdefault(value.node.expr, bound)
+        elif isinstance(value, torch.Tensor) and isinstance(bound, Value):
             for dim, size in enumerate(value.shape):
-                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
-                    self.builder.symbol_sources.setdefault(size.node.expr, (new, dim))
+                if not (isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol)):
+                    continue
+                if bound.replicated is not None:
+                    self.builder.symbol_sources.setdefault(size.node.expr, (bound.replicated, dim))
+                elif bound.sharded is not None and bound.layout.dim != dim:
+                    self.builder.symbol_sources.setdefault(size.node.expr, (bound.sharded, dim))
 
     def _bind(self, node: fx.Node, new: fx.Node) -> None:
         value = node.meta.get("val")
@@ -208,6 +222,7 @@ class TokenShardingRewriter:
             return
         segments = self.plan.segments_of_cut(node, length)
         layout = TokenLayout(dim, segments)
+        self._record_symbols(node)  # the cut may need the node's own sizes
         self.cut_sources.add(node)
         value.sharded = collectives.slice_to_layout(self.builder, value.replicated, layout, self.group)
         value.layout = layout
@@ -375,14 +390,14 @@ class TokenShardingRewriter:
         self.env[node] = Value(result.dim(), replicated=new) if isinstance(result, torch.Tensor) else new
         self._after_write(node)
 
-    def _rebuild_aliases(self, root: fx.Node, reason: str, only_stale: bool = False) -> dict:
+    def _rebuild_aliases(self, root: fx.Node, reason: str, members: Optional[list] = None) -> dict:
         """Aliases of `root` recomputed from its full value by replaying their view ops (replicated), in the
-        order they were made; with `only_stale`, only those that are not true views. Returns old node ->
-        new node. A rebuilt alias is a true view when the full value is the root's own storage."""
+        order they were made: all of them, or the `members` given. Returns old node -> new node. A rebuilt
+        alias is a true view when the full value is the root's own storage."""
         rebuilt = {root: self.replicated(root, reason)}
         true = {root: not self.env[root].native_sharded}
-        for member in self.aliases.members_of(root):
-            if member is root or (only_stale and self.aliases.is_true_view(member)):
+        for member in self.aliases.members_of(root) if members is None else members:
+            if member is root:
                 continue
             parent = self.aliases.parent[member]
             if parent not in rebuilt:
@@ -420,8 +435,12 @@ class TokenShardingRewriter:
                 value = self.env.get(member)
                 if isinstance(value, Value):
                     value.forget_copies()
-            if any(not self.aliases.is_true_view(m) for m in self.aliases.members_of(root)):
-                self._rebuild_aliases(root, f"{describe_node(node)} wrote into {root.name}", only_stale=True)
+            stale = self.aliases.stale_read_later(root, node, self.position)
+            for member in self.aliases.members_of(root):
+                if not self.aliases.is_true_view(member) and member not in stale and isinstance(self.env.get(member), Value):
+                    self.env[member] = Value(self.env[member].ndim)  # never read again: nothing to hold
+            if stale:
+                self._rebuild_aliases(root, f"{describe_node(node)} wrote into {root.name}", stale)
 
     def _track_alias(self, node: fx.Node, new: Optional[fx.Node] = None) -> None:
         """`node` joins its input's alias root; it read the input's own representation when that node is

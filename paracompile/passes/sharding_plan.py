@@ -247,6 +247,7 @@ class _Planner:
         self.values: dict[fx.Node, Any] = {}
         self.resplits: list[tuple[fx.Node, TokenLayout]] = []
         self.aliases = Aliases()
+        self.position = {node: index for index, node in enumerate(gm.graph.nodes)}
 
     def run(self) -> ShardingPlan:
         for node in self.gm.graph.nodes:
@@ -429,9 +430,21 @@ class _Planner:
                 value = self.values.get(member)
                 if isinstance(value, _Planned):
                     value.forget_copies()
+            stale = self.aliases.stale_read_later(root, node, self.position)
             for member in members:
                 if not self.aliases.is_true_view(member):
                     self.values[member] = _Planned()
+            # The rewrite rebuilds the stale aliases read later from the full root, each from its parent.
+            reason = f"{describe_node(node)} wrote into {root.name}"
+            rebuilt = {root} if stale else set()
+            if stale:
+                self.need_full(root, reason)
+            for member in stale:
+                parent = self.aliases.parent[member]
+                if parent not in rebuilt:
+                    self.need_full(parent, reason)
+                    rebuilt.add(parent)
+                rebuilt.add(member)
 
     # Segments --------------------------------------------------------------------------------------
     def better_source_segments(self) -> dict[fx.Node, tuple]:
@@ -458,6 +471,22 @@ class Aliases:
 
     def is_true_view(self, node: fx.Node) -> bool:
         return node not in self.parent or node in self.true_views
+
+    def stale_read_later(self, root: fx.Node, write: fx.Node, position: dict[fx.Node, int]) -> list[fx.Node]:
+        """The aliases of `root` that a write at `write` leaves stale (they are not true views) and that are
+        read after it, directly or through a stale alias made from them, in the order they were made. Only
+        these must be rebuilt from the written root: the others are never read again (CogVideoX's rotary
+        update reads q through a reshape and an unbind, then writes the result back into q: those views die
+        with the write, and rebuilding them would gather q for nothing)."""
+        needed: set[fx.Node] = set()
+        members = self.members_of(root)
+        for member in reversed(members):
+            if member is root or self.is_true_view(member):
+                continue
+            read_later = any(position[user] > position[write] for user in member.users)
+            if read_later or any(self.parent.get(other) is member for other in needed):
+                needed.add(member)
+        return [member for member in members if member in needed]
 
     def track(self, node: fx.Node, read_own: Callable[[fx.Node], bool]) -> None:
         """Ops whose output is a view of (or the same storage as) their first input join its alias root. The

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from paracompile.passes.token_layout import Size, TokenLayout, product, same_size
+from paracompile.passes.token_layout import Size, TokenLayout, known_nonnegative, product, same_size
 
 aten = torch.ops.aten
 
@@ -38,7 +38,7 @@ class Sharding:
     """How one op runs on shards. `inputs` maps argument names to the layout required of them (a list for
     list arguments); tensor arguments that are not named must be replicated. `patch(builder, args, local)`
     returns the op's arguments for the local shard: `args` are the rewritten arguments by name and `local`
-    answers questions about this rank's shard (see ShardContext in shard_tokens.py)."""
+    answers questions about this rank's shard (see LocalShard in shard_tokens.py)."""
 
     output: Any
     inputs: dict[str, Any] = field(default_factory=dict)
@@ -483,17 +483,74 @@ def scaled_matrix_product(view: OpView) -> Optional[Sharding]:
     return Sharding(left, inputs)
 
 
-@rule(aten.pad, aten.constant_pad_nd, declines_when="it pads the token axis")
+def _einsum_subscripts(equation: str) -> Optional[tuple[list[str], str]]:
+    """The operands' and the output's subscripts of an explicit einsum equation, or None for one with an
+    ellipsis or an implicit output (neither is worth following here)."""
+    equation = equation.replace(" ", "")
+    if "->" not in equation or "." in equation:
+        return None
+    inputs, output = equation.split("->")
+    return inputs.split(","), output
+
+
+@rule(aten.einsum, declines_when="it repeats the token axis' subscript")
+def einsum(view: OpView) -> Optional[Sharding]:
+    """The token axis is the subscript the first split operand has it under: every operand that has that
+    subscript (at a size other than 1) is used split alike there, the others whole (an operand split along
+    another subscript is re-split or gathered, as a pointwise op's would be). Kept in the output, the output
+    is split at its place (DiT's "nhwpqc->nchpwq" unpatchify with the tokens in n); summed over, each rank's
+    product is a partial sum, all-reduced."""
+    parsed = _einsum_subscripts(view["equation"])
+    operands = view["tensors"]
+    layouts = _list_layouts(view, "tensors")
+    if parsed is None or len(parsed[0]) != len(operands):
+        return None
+    subscripts, output = parsed
+    sharded = [(letters, layout) for letters, layout in zip(subscripts, layouts) if layout is not None]
+    if not sharded:
+        return None
+    letter, reference = sharded[0][0][sharded[0][1].dim], sharded[0][1]
+    required: list[Layout] = []
+    for letters, operand in zip(subscripts, operands):
+        if letters.count(letter) > 1:
+            return None
+        position = letters.find(letter)
+        broadcast = position < 0 or same_size(view.shape(operand)[position], 1)
+        required.append(None if broadcast else reference.at_dim(position))
+    if output.count(letter) > 1:
+        return None
+    if letter in output:
+        return Sharding(reference.at_dim(output.index(letter)), {"tensors": required})
+    return Sharding(None, {"tensors": required}, partial="sum")
+
+
+@rule(aten.pad, aten.constant_pad_nd, declines_when="it pads the token axis in another mode than constant, or crops it")
 def pad(view: OpView) -> Optional[Sharding]:
-    """Padding of other dims keeps the token axis whole; `pad` lists (before, after) pairs from the last dim."""
+    """Padding of other dims keeps the token axis whole; `pad` lists (before, after) pairs from the last dim.
+    Constant padding of the token axis adds a segment of padding before or after the others, split over the
+    ranks like any segment: each rank pads its shard by its share of it (Mochi pads each sample's attention
+    output from its valid text tokens back to the full text length)."""
     layout = view.layout("self")
     if layout is None:
         return None
     ndim, amounts = len(view.shape(view["self"])), list(view["pad"])
     pair = ndim - 1 - layout.dim
-    if 2 * pair + 1 < len(amounts) and not (same_size(amounts[2 * pair], 0) and same_size(amounts[2 * pair + 1], 0)):
+    if 2 * pair + 1 >= len(amounts) or (same_size(amounts[2 * pair], 0) and same_size(amounts[2 * pair + 1], 0)):
+        return Sharding(layout, {"self": layout})
+    before, after = amounts[2 * pair], amounts[2 * pair + 1]
+    if view.args.get("mode", "constant") != "constant" or not all(known_nonnegative(a) for a in (before, after)):
         return None
-    return Sharding(layout, {"self": layout})
+    added = [(index, amount) for index, amount in ((0, before), (1, after)) if not same_size(amount, 0)]
+    segments = ((before,) if not same_size(before, 0) else ()) + layout.segments + (
+        (after,) if not same_size(after, 0) else ())
+
+    def patch(builder, args, local):
+        local_amounts = list(args["pad"])
+        for index, amount in added:
+            local_amounts[2 * pair + index] = local.share_of(amount)
+        return {**args, "pad": local_amounts}
+
+    return Sharding(TokenLayout(layout.dim, segments), {"self": layout}, patch)
 
 
 @rule(aten.addmm, declines_when="it contracts over the token axis")

@@ -65,6 +65,13 @@ def known_divisible(length: Size, ranks: int) -> bool:
     return statically_known_true(length % ranks == 0)
 
 
+def known_nonnegative(size: Size) -> bool:
+    """True only when `size >= 0` holds for every value the ShapeEnv allows (a negative pad crops)."""
+    if isinstance(size, int):
+        return size >= 0
+    return statically_known_true(size >= 0)
+
+
 def product(sizes: Sequence[Size]) -> Size:
     result: Size = 1
     for size in sizes:

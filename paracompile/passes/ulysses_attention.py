@@ -12,6 +12,8 @@ computes on full tensors (or the full output, where it falls back to replicated 
   key order, and is equivariant in queries), so tensors stay in padded rank-major order unless padding
   must be dropped (keys of uneven shards) or a mask or `is_causal` needs true positions.
 - q sharded, k and v replicated (cross-attention to text): local attention, no communication.
+- the token axis in a leading (batch or heads) dim of attention, as in factorised spatial/temporal video
+  attention: each rank attends its own rows, no communication.
 - anything else: gather and run the original attention replicated, and say why in the report.
 """
 from __future__ import annotations
@@ -57,6 +59,8 @@ class SequenceAttention:
 
         if all(layout is None for layout in layouts):
             return replicated("no input is token-sharded")
+        if ndim >= 3 and all(layout is None or layout.dim < token_dim for layout in layouts):
+            return _split_rows(view, layouts, ndim, replicated)
         if any(layout is not None and layout.dim != token_dim for layout in layouts) or ndim < 3:
             return replicated("the token axis is not the sequence dim of attention")
         if view["dropout_p"] not in (0, 0.0):
@@ -122,6 +126,35 @@ class SequenceAttention:
             ndim = len(view.shape(view["query"]))
             heads, key_heads = view.shape(view["query"])[ndim - 3], view.shape(view["key"])[ndim - 3]
             _ulysses(rewriter, node, view, layouts, heads, key_heads, self.ulysses_chunks)
+
+
+def _split_rows(view: OpView, layouts, ndim: int, replicated) -> AttentionSite:
+    """The token axis is one of attention's leading dims (its batch or heads): a model that attends along
+    another axis of its tokens (Latte's temporal blocks attend across frames, one row per image patch; its
+    spatial blocks across patches, one row per frame). Every row attends on its own, so each rank attends
+    its rows of q, k, v and the mask, with no communication; inputs without the dim, or with size 1 there
+    (broadcast), stay whole."""
+    reference = next(layout for layout in layouts if layout is not None)
+    if view["dropout_p"] not in (0, 0.0):
+        return replicated("attention dropout is random: sharding would change which elements are dropped")
+    if reference.dim == ndim - 3 and view["enable_gqa"]:
+        return replicated("the token axis is the head dim of grouped-query attention")
+    inputs = {}
+    for name in ("query", "key", "value", "attn_mask"):
+        tensor = view[name]
+        if not isinstance(tensor, fx.Node):
+            continue
+        shape = view.shape(tensor)
+        dim = reference.dim - (ndim - len(shape))
+        if dim < 0 or same_size(shape[dim], 1):
+            if name == "query":
+                return replicated("the queries broadcast over the split dim")
+            if view.layout(name) is not None:
+                return replicated("the inputs of attention are split along different dims")
+            continue
+        inputs[name] = reference.at_dim(dim)
+    return AttentionSite("local", reason=f"split along dim {reference.dim}, one of its rows per rank: no communication",
+                         inputs=inputs, output=reference)
 
 
 def _replicated_attention(rewriter, node, view, reason: str) -> None:
