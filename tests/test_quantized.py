@@ -28,15 +28,16 @@ def _quantized_flux(config: str):
     return case, model, case.make_inputs(seed=0, size="uneven")
 
 
-def _float8_flux(granularity: str):
+def _float8_flux(granularity: str, set_attribute=setattr):
     """Tiny FLUX in bf16 with torchao's float8 dynamic activation + float8 weight quantization (per-tensor or
     per-row scales). torchao refuses float8 without a GPU of compute capability 8.9; torch's CPU
-    `_scaled_mm` runs it, so the check is skipped here."""
+    `_scaled_mm` runs it, so the check is skipped here (through `monkeypatch.setattr` in the test process, so
+    that it is restored; for good in a spawned rank)."""
     quantization = pytest.importorskip("torchao.quantization")
     import torchao.float8.inference as float8_inference
 
-    quantization.quant_api._check_hardware_support = lambda granularity: None
-    float8_inference._check_hardware_support = lambda granularity: None
+    set_attribute(quantization.quant_api, "_check_hardware_support", lambda granularity: None)
+    set_attribute(float8_inference, "_check_hardware_support", lambda granularity: None)
     scales = {"tensor": quantization.PerTensor(), "row": quantization.PerRow()}
     torch.manual_seed(0)
     case = tiny_models.CASES["flux"]
@@ -48,11 +49,12 @@ def _float8_flux(granularity: str):
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
-def test_float8_flux_shards_every_linear_and_computes_per_tensor_scales_over_every_rank(fake_rank0, granularity):
+def test_float8_flux_shards_every_linear_and_computes_per_tensor_scales_over_every_rank(fake_rank0, granularity,
+                                                                                        monkeypatch):
     """A per-tensor activation scale is the amax of |x| over the whole activation, tokens included: each rank
     takes its shard's and one all-reduce (max) of a scalar makes the global one, instead of a gather of
     the activation before every linear; per-row scales are token-local."""
-    _, model, inputs = _float8_flux(granularity)
+    _, model, inputs = _float8_flux(granularity, monkeypatch.setattr)
     torch._dynamo.reset()
     backend.explanations.clear()
     with torch.no_grad():
