@@ -7,7 +7,8 @@ torch calls `paracompile_backend(graph_module, example_inputs, options=...)` wit
 makes one CompileContext (context.py: the options, the mesh plan, the report) and passes it down the
 pipeline; the callable it returns carries it as `paracompile_context`. One process: plain Inductor (with
 First Block Cache or CUDA graphs if asked). Several ranks, one linear pipeline:
-  parse_options -> resolve_mesh (degrees checked, groups made) -> trace_to_aten -> resolve_auto ("auto"
+  parse_options -> resolve_mesh (degrees checked, groups made) -> trace_to_aten -> merge_common_subexpressions
+  (a value computed twice costs one collective, not two) -> resolve_auto ("auto"
   needs the graph's head counts) -> shard_batch -> shard_tokens (sharding_plan.plan_sharding: a layout per node,
   the cuts, an attention strategy per attention node; then one rewrite that applies the plan)
   -> compile_graph (First Block Cache's split, compile once per block if asked, Inductor with the overlap
@@ -31,6 +32,7 @@ from paracompile.explain import Report, describe_added_ops
 from paracompile.mesh import resolve_auto, resolve_mesh
 from paracompile.meta import attention_kind
 from paracompile.options import Options, inductor_patches, parse_options
+from paracompile.passes.common_subexpressions import merge_common_subexpressions
 from paracompile.passes.compile_blocks import compile_by_block
 from paracompile.passes.first_block_cache import compile_with_first_block_cache
 from paracompile.passes.shard_batch import shard_batch
@@ -78,6 +80,10 @@ def compile_traced(gm: fx.GraphModule, example_inputs: list, context: CompileCon
                        _NO_BACKWARD_WITH_GRAPHS if parsed.cuda_graphs else _NO_BACKWARD_BY_BLOCK)
 
     aten_graph = aten_graph_with_values(gm, example_inputs, keep_guards=True)
+    merged = merge_common_subexpressions(aten_graph)
+    if merged:
+        context.report.notes.append(f"{merged} repeated computations merged before the plan (e.g. one float8 "
+                                    "scale for the projections of one activation; passes/common_subexpressions.py)")
     check = InputCheck([node.target for node in aten_graph.graph.nodes if node.op == "placeholder"],
                        example_inputs, parsed.check_inputs)
     training = torch.is_grad_enabled() and any(

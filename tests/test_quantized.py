@@ -66,8 +66,13 @@ def test_float8_flux_shards_every_linear_and_computes_per_tensor_scales_over_eve
     graph = backend.rewritten_graphs[-1].graph
     reductions = [node for node in graph.nodes if node.target is torch.ops._c10d_functional.all_reduce.default]
     assert any(node.target is aten._scaled_mm.default for node in graph.nodes), "float8 linears not traced"
-    if granularity == "tensor":  # one scalar all-reduce per quantized linear over tokens (the others: time)
-        assert len(reductions) >= 20 and all(node.args[1] == "max" for node in reductions), report
+    if granularity == "tensor":
+        # One scalar all-reduce per activation a quantized linear reads over tokens: the projections that
+        # read one activation (q, k, v; a single block's q, k, v and MLP) share its scale
+        # (passes/common_subexpressions.py); without the merge there would be one per linear.
+        scaled_mms = [node for node in graph.nodes if node.target is aten._scaled_mm.default]
+        assert 12 <= len(reductions) <= len(scaled_mms) - 10, (len(reductions), len(scaled_mms), report)
+        assert all(node.args[1] == "max" for node in reductions), report
         assert report.count("partial max all-reduced to (1, 1, 1)") == len(reductions), report
     else:
         assert not reductions, report
