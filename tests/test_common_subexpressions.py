@@ -74,3 +74,19 @@ def test_returned_values_stay_separate_tensors():
     gm, _ = _merged(twice, torch.randn(3))
     first, second = gm(torch.randn(3))
     assert first.data_ptr() != second.data_ptr()
+
+
+def test_computations_of_different_blocks_stay_in_their_blocks():
+    """Each block's silu(temb) stays its own: merged into block 0, the blocks would differ (compile once per
+    block compiles block 0 apart) and a value would flow from block to block that the model does not pass."""
+    def two_blocks(temb, w0, w1):
+        return torch.nn.functional.silu(temb) @ w0, torch.nn.functional.silu(temb) @ w1
+
+    gm = make_fx(two_blocks, pre_dispatch=True)(torch.randn(2, 4), torch.randn(4, 4), torch.randn(4, 4))
+    silus = [node for node in gm.graph.nodes if node.target is aten.silu.default]
+    for index, node in enumerate(silus):
+        node.meta["nn_module_stack"] = {"blocks": (f"L['self'].blocks[{index}]", torch.nn.Module)}
+    assert merge_common_subexpressions(gm) == 0 and _count(gm, aten.silu.default) == 2
+    for node in silus:
+        node.meta["nn_module_stack"] = {"blocks": ("L['self'].blocks[0]", torch.nn.Module)}
+    assert merge_common_subexpressions(gm) == 1 and _count(gm, aten.silu.default) == 1

@@ -1,8 +1,8 @@
 """Common subexpressions computed once, before the plan.
 
 Invariant: the graph computes the same values as before; of two pure aten nodes that apply the same op to
-the same arguments with no write to any tensor between them, the later one is removed and its users read
-the earlier one.
+the same arguments in the same block of the model's block loop, with no write to any tensor between them,
+the later one is removed and its users read the earlier one.
 
 Why before the plan: a model often computes the same thing from one tensor several times, and a rewrite
 of each copy costs a collective apiece that nothing after it merges. torchao's float8 linears with
@@ -10,6 +10,10 @@ per-tensor scales are the case that matters: the query, key and value projection
 take the amax of |x| over its tokens, three partial maxima that the plan would all-reduce three times
 (and quantize the activation three times); Inductor's graph CSE runs only in the training partitioner, so
 an inference graph keeps all three. Merged here, one all-reduce serves all three projections.
+
+Only within one block (or among nodes outside every block): every FLUX block computes silu(temb) for its
+norm, and merged into block 0 it would make block 0 unlike its siblings (compile once per block would
+compile it apart) and carry a value from block to block that the model does not.
 
 What counts as pure: an aten or prims OpOverload whose schema writes no argument and which draws no random
 numbers, and `operator.getitem`. A node that writes (an in-place op, `copy_`) or a call outside aten (grad
@@ -26,6 +30,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from paracompile.meta import VAL
+from paracompile.passes.block_loop import block_of
 
 
 def merge_common_subexpressions(gm: fx.GraphModule) -> int:
@@ -44,7 +49,7 @@ def merge_common_subexpressions(gm: fx.GraphModule) -> int:
         if _holds_unbacked_symbols(node):
             continue
         try:
-            key = (region, node.target, _hashable(node.args), _hashable(node.kwargs))
+            key = (region, block_of(node), node.target, _hashable(node.args), _hashable(node.kwargs))
             hash(key)
         except TypeError:  # an argument that cannot be compared by value (a tensor constant, a callable)
             continue
