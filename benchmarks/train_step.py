@@ -3,11 +3,12 @@ per rank against one process.
 
     python benchmarks/train_step.py --workload flux --blocks 4,8 --worlds 1 2 4 --out benchmarks/results/DIR
     python benchmarks/train_step.py --workload wan --blocks 6 --worlds 1 2 4
+    python benchmarks/train_step.py --workload wan --blocks 6 --worlds 2 4 --mesh ring
     python benchmarks/train_step.py --tiny --worlds 1 2                # a dry run on a CPU
 
 Each world size runs in a process of its own, one after another (this script launches them): world 1 is
 `torch.compile` with Inductor on one GPU; world n > 1 is rank 0 of n in torch's fake process group
-(`compare.init_fake_world`) with `options={"mesh": {"ulysses": n}}`: this GPU does exactly rank 0's compute
+(`compare.init_fake_world`) with `options={"mesh": {"ulysses": n}}` (or `"ring"`: `--mesh`): this GPU does exactly rank 0's compute
 and holds exactly rank 0's memory of an n-GPU run, but the collectives move no data (their outputs are
 never written, so the numbers computed are garbage, and a step's time misses the communication). So on
 one GPU this measures the memory arithmetic of context-parallel training (what one rank holds, how it falls
@@ -53,7 +54,7 @@ def worker(args) -> dict:
     options = {}
     if world > 1:
         init_fake_world(world)
-        options = {"mesh": {"ulysses": world}}
+        options = {"mesh": {args.mesh: world}}
     if args.tiny:
         options["compiler"] = "eager"
     if world > 1 or args.tiny:
@@ -95,7 +96,8 @@ def worker(args) -> dict:
         times.append(1000 * (time.perf_counter() - started))
     result = dict(world=world, runs=("eager model" if world == 1 and args.world1 == "eager" and not args.tiny else
                                      "torch.compile (Inductor)" if world == 1 and not args.tiny else
-                                     f"paracompile, rank 0 of {world}" + (" (fake process group)" if world > 1 else "")),
+                                     f"paracompile {args.mesh} {world}, rank 0 of {world}" +
+                                     (" (fake process group)" if world > 1 else "")),
                   first_step_s=round(first_step_s, 1), median_ms=round(statistics.median(times), 2),
                   times_ms=[round(t, 2) for t in times],
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None,
@@ -114,6 +116,8 @@ def main() -> None:
                         help="world 1 as torch.compile (Inductor) or the eager model")
     parser.add_argument("--no-cudnn-attention", action="store_true",
                         help="attention without cuDNN's kernels (flash or memory-efficient instead)")
+    parser.add_argument("--mesh", choices=["ulysses", "ring"], default="ulysses",
+                        help="the mesh dim the world n > 1 runs split over")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="CPU dry run: tiny configs, float32, eager compiler")
@@ -132,7 +136,7 @@ def main() -> None:
         os.makedirs(args.out, exist_ok=True)
         command = [sys.executable, os.path.abspath(__file__), "--worker-world", str(world), "--worker-out", out,
                    "--workload", args.workload, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--world1", args.world1] + (["--no-cudnn-attention"] if args.no_cudnn_attention else [])
+                   "--world1", args.world1, "--mesh", args.mesh] + (["--no-cudnn-attention"] if args.no_cudnn_attention else [])
         command += (["--blocks", args.blocks] if args.blocks else []) + (["--tiny"] if args.tiny else [])
         finished = subprocess.run(command, capture_output=True, text=True)
         if finished.returncode != 0:
@@ -144,11 +148,11 @@ def main() -> None:
         os.remove(out)
         print(f"world {world}: {results[-1]['median_ms']} ms per step, peak {results[-1]['peak_gib']} GiB", flush=True)
     done = [r for r in results if "error" not in r]
-    report = dict(workload=args.workload, date=time.strftime("%Y-%m-%d"),
+    report = dict(workload=args.workload, mesh=args.mesh, date=time.strftime("%Y-%m-%d"),
                   command="python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:]),
                   results=results, **({k: done[0][k] for k in ("device", "torch", "tag", "description")} if done else {}))
     tag = done[0]["tag"] if done else args.workload
-    path = os.path.join(args.out, f"train_step_{tag}")
+    path = os.path.join(args.out, f"train_step_{tag}" + ("" if args.mesh == "ulysses" else f"_{args.mesh}"))
     with open(path + ".json", "w") as handle:
         json.dump(report, handle, indent=2)
     with open(path + ".md", "w") as handle:
@@ -161,7 +165,7 @@ def markdown(report: dict) -> str:
              f"- device: {report.get('device')}, torch {report.get('torch')}, {report['date']}",
              f"- command: `{report['command']}`",
              "- world 1: one GPU (the eager model or `torch.compile`, as the table says); world n: rank 0 of n in "
-             "torch's fake process group, `mesh={'ulysses': n}`: rank 0's compute and memory, collectives that move "
+             f"torch's fake process group, `mesh={{'{report.get('mesh', 'ulysses')}': n}}`: rank 0's compute and memory, collectives that move "
              "no data (no communication time, garbage values). Peak memory includes the weights and their "
              "gradients (2x the weights column), which every rank holds in full", "",
              "| world | what runs | first step s | median step ms | peak allocated GiB | weights GiB |",
