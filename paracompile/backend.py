@@ -152,7 +152,7 @@ def rewrite(aten_graph: fx.GraphModule, context: CompileContext) -> fx.GraphModu
 def untrainable_because(plan, options: Options) -> Optional[str]:
     """Why a graph compiled with grad mode on cannot have exact gradients (None: it can); such a graph runs
     forward-only and its backward raises with this reason. `plan` None: the graph has no attention. (Ring
-    meshes train with their keys and values gathered: ulysses_attention.SequenceAttention.plan.)"""
+    meshes train with ring attention in a differentiable op: ring_kernels.py.)"""
     if options.threshold > 0:
         return "First Block Cache (threshold > 0) reuses residuals of earlier calls; set threshold to 0 to train"
     if options.cuda_graphs:

@@ -272,7 +272,9 @@ def send_to_next_rank(builder: GraphBuilder, tensor: fx.Node, ndim: int, group: 
     overlap. One all_to_all_single with a single non-empty split each way is a permute that works on every
     backend (gloo included) and on tensors of any shape (the splits count slices of a new leading dim)."""
     if group.differentiable:
-        raise NotImplementedError("paracompile: ring attention has no backward yet")
+        # A graph compiled to train runs its ring inside paracompile::ring_attention (ring_kernels.py).
+        raise NotImplementedError("paracompile: a ring transfer in a graph compiled to train has no backward; "
+                                  "emit paracompile::ring_attention instead")
     return builder.insert_traced(_send_to_next_rank, [tensor], [ndim], rank=group.rank, ranks=group.size,
                                  group_name=group.group_name)
 

@@ -11,6 +11,9 @@ below has the backward that keeps it:
 - all-reduce of partial sums (a contraction over tokens -> replicated): backward all-reduces the partials,
   since every rank's summand needs the full gradient;
 - all-to-all (shard -> shard, Ulysses): backward sends every gradient back where its value came from;
+- ring attention (ring_kernels.py, `paracompile::ring_attention`): shards in, shards out; backward gives
+  each rank the exact gradients of its queries and of its own key/value block (and a partial for a
+  replicated mask that requires grad);
 - `scale_grad` at the graph's outputs: every rank computes the same loss from the same replicated output, so
   each holds the full gradient of it; divided by the number of ranks that hold it, it becomes a partial.
 

@@ -77,7 +77,10 @@ def describe_added_ops(original: fx.Graph, rewritten: fx.Graph) -> str:
 
     before, after = counts(original), counts(rewritten)
     added = {name: after[name] - before[name] for name in after if after[name] > before[name]}
-    collectives = {n: c for n, c in added.items() if n in ("all_to_all_single", "all_gather_into_tensor", "all_reduce", "wait_tensor")}
+    # Functional collectives, and paracompile's ops with a backward (differentiable.py, ring_kernels.py).
+    collectives = {n: c for n, c in added.items() if n in ("all_to_all_single", "all_gather_into_tensor", "all_reduce",
+                                                            "wait_tensor", "all_gather", "reduce_scatter",
+                                                            "all_to_all", "ring_attention")}
     layout = {n: c for n, c in added.items() if n not in collectives}
     def listing(items):
         return ", ".join(f"{name} {count}" for name, count in sorted(items.items(), key=lambda i: (-i[1], i[0])))

@@ -1,6 +1,7 @@
 """`is_causal=True` self-attention: Ulysses runs it in global token order and Ring masks each step by the
 global positions of its queries and keys, which keeps the causal mask exact, also for token counts the
-ranks do not divide and after a recompile with dynamic sizes."""
+ranks do not divide and after a recompile with dynamic sizes. The same in a graph compiled to train
+(Ring's differentiable op, ring_kernels.py): the gradients of the weights and of the input equal eager's."""
 import pytest
 import torch
 import torch.nn as nn
@@ -42,6 +43,22 @@ def _causal_errors(rank, world_size, meshes):
             with torch.no_grad():
                 errors.append((compiled(x) - model(x)).abs().max().item())
         results[name] = (errors, list(backend.explanations))
+
+        # Trained: the same sizes (symbolic after the recompile), gradients against eager's.
+        torch._dynamo.reset()
+        backend.explanations.clear()
+        compiled = torch.compile(model, backend="paracompile", options={"compiler": "eager", "mesh": mesh})
+        grad_errors = []
+        for tokens in (12, 13, 5):
+            x = torch.randn(2, tokens, 16)
+            grads = []
+            for call in (model, compiled):
+                model.zero_grad(set_to_none=True)
+                leaf = x.clone().requires_grad_(True)
+                (call(leaf) ** 2).mean().backward()
+                grads.append([leaf.grad] + [p.grad for p in model.parameters()])
+            grad_errors.append(max((a - b).abs().max().item() for a, b in zip(*grads)))
+        results[f"{name} trained"] = (grad_errors, list(backend.explanations))
     return results
 
 
@@ -67,9 +84,14 @@ def worlds():
     return results
 
 
+@pytest.mark.parametrize("trained", [False, True])
 @pytest.mark.parametrize("name", list(MESHES))
-def test_causal_attention_matches_eager(worlds, name):
+def test_causal_attention_matches_eager(worlds, name, trained):
     expected = MESHES[name][2]
-    for errors, explanations in worlds[name]:
+    for errors, explanations in worlds[f"{name} trained" if trained else name]:
         assert max(errors) < 1e-4, errors
         assert explanations and all("causal" in text and expected in text for text in explanations), explanations
+        if trained:
+            assert all("compiled to train" in text for text in explanations), explanations
+            if "ring" in name:
+                assert all("training: one differentiable op" in text for text in explanations), explanations

@@ -22,23 +22,29 @@ Masks and `is_causal`: the mask rows of this rank's queries and the mask columns
 are sliced from the full mask; causal masks are built from the global positions of both. Kernels: on
 CPU `_scaled_dot_product_flash_attention_for_cpu`; on CUDA the flash, memory-efficient or cuDNN kernel
 that SDPA's own dispatcher picks for these inputs (`torch._fused_sdp_choice`), or an explicit fp32
-computation where it picks the math kernel.
+computation where it picks the math kernel (ring_kernels.py holds the step's attention and the merge).
+
+Training (a graph compiled with grad mode on, the ring group `differentiable`): everything up to the
+loop is built as above, and so are the masks of every step, but the loop itself (transfers, attention,
+merge) runs inside one op, `paracompile::ring_attention`, whose backward is ring flash attention's
+(ring_kernels.py): each rank still holds only its own key/value block plus the one in flight, in
+backward too. Its collectives run eagerly inside the op, so Inductor does not see them.
 """
 from __future__ import annotations
 
 import operator
-from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from paracompile import collectives
+from paracompile.differentiable import OPS as differentiable_ops
 from paracompile.explain import describe_node
 from paracompile.meta import mark_attention
 from paracompile.passes.token_layout import same_size
+from paracompile.ring_kernels import additive_mask, attend_block, backward_kernel, causal_mask, choose_kernel, merge
 
 aten = torch.ops.aten
-SDPBackend = torch.nn.attention.SDPBackend
 
 
 def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
@@ -54,6 +60,9 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
     scale = view["scale"]
     query_value = view["query"].meta["val"]
     ring_index = ring.rank
+    # A graph compiled to train runs the ring loop inside one differentiable op (ring_kernels.py); the
+    # graph still builds everything around it (shards, Ulysses, padding, masks per step) as for inference.
+    training = ring.differentiable
 
     def ranks_of_block(ring_position: int) -> list[int]:
         return list(mesh.ring_blocks[ring_position])
@@ -90,7 +99,7 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
         key = builder.pad_end(key, token_dim, ndim, builder.sub(longest, block_lengths[ring_index]))
         value = builder.pad_end(value, token_dim, ndim, builder.sub(longest, block_lengths[ring_index]))
     same_kind = _same_shapes(key_shape, view.shape(view["value"])) and \
-        view["key"].meta["val"].dtype == view["value"].meta["val"].dtype
+        view["key"].meta["val"].dtype == view["value"].meta["val"].dtype and not training
     block = builder.call(aten.stack.default, [key, value], 0) if same_kind else None
 
     # Masks: this rank's query rows (in the order the queries are in now), then per block its columns.
@@ -127,15 +136,16 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
             elif causal:
                 query_positions = builder.pad_end(query_positions, 0, 1, query_padding)
 
-    kernel = _choose_kernel(query_value, view, has_mask=isinstance(mask, fx.Node) or causal, heads=heads,
-                            ulysses_size=ulysses_size)
+    kernel = choose_kernel(query_value, scale, has_mask=isinstance(mask, fx.Node) or causal,
+                           ulysses_size=ulysses_size)
     masked = isinstance(mask, fx.Node) or causal
     may_be_empty = not even_blocks and any(not isinstance(length, int) for length in block_lengths)
     output = log_sum_exp = None
     pending = None
+    step_masks, step_positions = [], []  # training: each step's mask, or its keys' positions, for the op
     for step in range(ring.size):
         source = (ring_index - step) % ring.size
-        if step < ring.size - 1:
+        if step < ring.size - 1 and not training:
             # Start moving the next block before attending to this one, so the two overlap.
             if same_kind:
                 pending = collectives.send_to_next_rank(builder, block, ndim + 1, ring)
@@ -150,13 +160,16 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
         length = block_lengths[source]
         if isinstance(length, int) and length == 0:
             # The block holds no keys (its ranks' shards are empty): nothing to attend to.
+            step_masks.append(None)
+            step_positions.append(None)
             block, key, value, pending = _receive(builder, pending, same_kind, block, key, value, ndim)
             continue
         # A block whose length is symbolic may turn out empty: attend to at least one (padding) key and
-        # discard the step's result below if it was empty.
-        maybe_empty = may_be_empty and not isinstance(length, int)
+        # discard the step's result below if it was empty. (The op knows the length when it runs and skips
+        # an empty block.)
+        maybe_empty = may_be_empty and not isinstance(length, int) and not training
         kept = builder.maximum(length, 1) if maybe_empty else length
-        if not even_blocks:
+        if not even_blocks and not training:
             step_key = builder.narrow(step_key, token_dim, 0, kept)
             step_value = builder.narrow(step_value, token_dim, 0, kept)
 
@@ -171,44 +184,41 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
                                                 builder.sub(kept, length))
             else:
                 step_mask = query_rows
-            step_mask = _additive(builder, step_mask, mask.meta["val"].dtype, query_value.dtype)
+            step_mask = additive_mask(builder, step_mask, mask.meta["val"].dtype, query_value.dtype)
         elif causal:
             key_positions = collectives.select_shards(builder, positions, key_layout.at_dim(0), sequence,
                                                       ranks_of_block(source))
             if maybe_empty:
                 key_positions = builder.pad_end(key_positions, 0, 1, builder.sub(kept, length))
-            allowed = builder.call(aten.le.Tensor, builder.call(aten.unsqueeze.default, key_positions, 0),
-                                   builder.call(aten.unsqueeze.default, query_positions, 1))
-            step_mask = _additive(builder, allowed, torch.bool, query_value.dtype)
+            if training:  # the op builds each step's causal mask from the positions, in forward and backward
+                step_positions.append(key_positions)
+                continue
+            step_mask = causal_mask(builder, query_positions, key_positions, query_value.dtype)
+        if training:
+            step_masks.append(step_mask)
+            continue
 
-        step_output, step_lse = _partial_attention(builder, kernel, query, step_key, step_value, step_mask, scale,
-                                                   ndim)
-        if masked:
-            # A query row whose keys in this block are all masked must not count: kernels disagree on what
-            # they return for it (CPU flash: LSE 0), so set its LSE to -inf and its output to 0.
-            empty = builder.call(aten.isneginf.default, builder.call(aten.amax.default, step_mask, [-1]))
-            step_lse = builder.call(aten.where.ScalarSelf, empty, float("-inf"), step_lse)
-            step_output = builder.call(aten.where.ScalarSelf, builder.call(aten.unsqueeze.default, empty, -1), 0.0,
-                                       step_output)
+        step_output, step_lse = attend_block(builder, kernel, query, step_key, step_value, step_mask, scale, ndim,
+                                             masked)
         if maybe_empty:
             empty = builder.call(aten.eq.Scalar, builder.call(
                 aten.scalar_tensor.default, length, dtype=torch.int64, device=query_value.device), 0)
             step_lse = builder.call(aten.where.ScalarSelf, empty, float("-inf"), step_lse)
             step_output = builder.call(aten.where.ScalarSelf, empty, 0.0, step_output)
-        if output is None:
-            output, log_sum_exp = step_output, step_lse
-        else:
-            merged_lse = builder.call(aten.logaddexp.default, log_sum_exp, step_lse)
-            weight = builder.call(aten.exp.default, builder.call(aten.sub.Tensor, step_lse, merged_lse))
-            if masked or may_be_empty:
-                weight = builder.call(aten.nan_to_num.default, weight, 0.0)
-            weight = builder.call(aten.unsqueeze.default, weight, -1)
-            output = builder.call(aten.add.Tensor, output, builder.call(
-                aten.mul.Tensor, weight, builder.call(aten.sub.Tensor, step_output, output)))
-            log_sum_exp = merged_lse
+        output, log_sum_exp = merge(builder, output, log_sum_exp, step_output, step_lse, masked or may_be_empty)
         block, key, value, pending = _receive(builder, pending, same_kind, block, key, value, ndim)
 
-    output = builder.call(aten._to_copy.default, output, dtype=query_value.dtype)
+    if training:
+        # The same ring inside one op with a backward (ring_kernels.py): its collectives run eagerly in it.
+        # Causal masks are built inside the op from positions, so backward keeps [Lq] + [Lk] integers per
+        # step rather than an [Lq, Lk] mask.
+        result = builder.call(differentiable_ops.ring_attention.default, query, key, value,
+                              _every_step(step_masks), query_positions if causal and not isinstance(mask, fx.Node)
+                              else None, _every_step(step_positions), block_lengths, scale, kernel, ring.rank,
+                              ring.size, ring.group_name)
+        output = builder.call(operator.getitem, result, 0)
+    else:
+        output = builder.call(aten._to_copy.default, output, dtype=query_value.dtype)
     if query_length is not None:
         output = builder.narrow(output, token_dim, 0, query_length)
     # Later passes (First Block Cache) find attention, and the module it belongs to, by these.
@@ -222,7 +232,15 @@ def ring_attention(rewriter, node: fx.Node, view, layouts, heads) -> None:
         f"{name}: ring over {ring.size} ranks ({inner}{kernel} kernel, {heads} heads; query segments "
         f"{[str(s) for s in query_layout.segments]}, key segments {[str(s) for s in key_layout.segments]}"
         f"{', causal' if causal else ''}{', with mask' if isinstance(mask, fx.Node) else ''}"
-        f"{'' if even_blocks else ', uneven blocks'})")
+        f"{'' if even_blocks else ', uneven blocks'}"
+        f"{f'; training: one differentiable op, {backward_kernel(kernel)} backward' if training else ''})")
+
+
+def _every_step(tensors):
+    """One tensor per step for the op, or none: a step whose block is known empty has none, and the op
+    reads none there, so any other step's stands in."""
+    present = [tensor for tensor in tensors if tensor is not None]
+    return [tensor if tensor is not None else present[0] for tensor in tensors] if present else []
 
 
 def _receive(builder, pending, same_kind, block, key, value, ndim):
@@ -255,107 +273,5 @@ def mask_to_query_heads(builder, mask, mask_shape, heads, ulysses):
     return builder.narrow(mask, head_dim, builder.mul(per_rank, ulysses.rank), per_rank)
 
 
-def _additive(builder, mask, mask_dtype, dtype):
-    """The kernels take additive masks: a boolean one (True = attend) becomes 0 / -inf."""
-    if mask_dtype != torch.bool:
-        return mask if mask_dtype == dtype else builder.call(aten._to_copy.default, mask, dtype=dtype)
-    blocked = builder.call(aten.logical_not.default, mask)
-    zeros = builder.call(aten.zeros_like.default, mask, dtype=dtype)
-    return builder.call(aten.masked_fill.Scalar, zeros, blocked, float("-inf"))
-
-
 def _same_shapes(a, b) -> bool:
     return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Kernels that return the log-sum-exp
-
-
-def _choose_kernel(query_value: torch.Tensor, view, has_mask: bool, heads, ulysses_size: int) -> str:
-    """The kernel SDPA's dispatcher would pick for one ring step's inputs on this device."""
-    if query_value.device.type == "cpu":
-        return "cpu_flash"
-    if query_value.device.type != "cuda":
-        return "math"
-    shape = [int(_hint(s)) for s in query_value.shape]
-    shape[-3] = max(1, shape[-3] // ulysses_size)
-    shape = [min(s, 4) if i < len(shape) - 3 else s for i, s in enumerate(shape)]  # batch dims do not matter
-    probe = torch.empty(shape, dtype=query_value.dtype, device=query_value.device)
-    mask = torch.zeros(shape[:-1] + [shape[-2]], dtype=query_value.dtype, device=query_value.device) \
-        if has_mask else None
-    try:
-        choice = SDPBackend(torch._fused_sdp_choice(probe, probe, probe, mask, 0.0, False, scale=view["scale"]))
-    except Exception:  # an unknown backend value or a torch without the helper: the exact fp32 path
-        return "math"
-    if choice == SDPBackend.FLASH_ATTENTION and not has_mask:
-        return "flash"
-    if choice == SDPBackend.CUDNN_ATTENTION:
-        return "cudnn"
-    if choice in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION):
-        return "efficient"
-    return "math"
-
-
-def _hint(size) -> int:
-    if isinstance(size, int):
-        return size
-    return size.node.hint if size.node.hint is not None else 64
-
-
-def _partial_attention(builder, kernel: str, query, key, value, mask: Optional[fx.Node], scale, ndim: int):
-    """(output, log-sum-exp in fp32 of shape output.shape[:-1]) of attention over these keys only."""
-    if kernel == "cpu_flash":
-        result = builder.call(aten._scaled_dot_product_flash_attention_for_cpu.default, query, key, value, 0.0,
-                              False, attn_mask=mask, scale=scale)
-        return _output_and_lse(builder, result, query)
-    if kernel == "flash":
-        result = builder.call(aten._scaled_dot_product_flash_attention.default, query, key, value, 0.0, False,
-                              False, scale=scale)
-        return _output_and_lse(builder, result, query)
-    if kernel in ("efficient", "cudnn"):
-        bias = None
-        if mask is not None:
-            # The kernels read a [B, H, Lq, Lk] bias whose rows start on 16-element boundaries.
-            bias = builder.call(aten.expand.default, mask, _attention_scores_shape(builder, query, key))
-            length = builder.call(aten.sym_size.int, key, ndim - 2)
-            aligned = builder.mul(builder.ceildiv(length, 16), 16)
-            bias = builder.narrow(builder.pad_end(bias, 3, 4, builder.sub(aligned, length)), 3, 0, length)
-        target = (aten._scaled_dot_product_efficient_attention.default if kernel == "efficient"
-                  else aten._scaled_dot_product_cudnn_attention.default)
-        result = builder.call(target, query, key, value, bias, True, 0.0, False, scale=scale)
-        return _output_and_lse(builder, result, query)
-    return _math_attention(builder, query, key, value, mask, scale)
-
-
-def _output_and_lse(builder, result, query):
-    output = builder.call(aten._to_copy.default, builder.call(operator.getitem, result, 0), dtype=torch.float32)
-    lse = builder.call(operator.getitem, result, 1)
-    # CUDA kernels pad the LSE's query dim (efficient: to a multiple of 32) or add a trailing dim (cuDNN).
-    rows = builder.call(aten.sym_size.int, query, -2)
-    lse = builder.call(aten.reshape.default, lse, [builder.call(aten.sym_size.int, query, d) for d in range(2)] + [-1])
-    lse = builder.narrow(lse, 2, 0, rows)
-    return output, builder.call(aten._to_copy.default, lse, dtype=torch.float32)
-
-
-def _attention_scores_shape(builder, query, key):
-    return [builder.call(aten.sym_size.int, query, 0), builder.call(aten.sym_size.int, query, 1),
-            builder.call(aten.sym_size.int, query, 2), builder.call(aten.sym_size.int, key, 2)]
-
-
-def _math_attention(builder, query, key, value, mask, scale):
-    query = builder.call(aten._to_copy.default, query, dtype=torch.float32)
-    key = builder.call(aten._to_copy.default, key, dtype=torch.float32)
-    value = builder.call(aten._to_copy.default, value, dtype=torch.float32)
-    if scale is None:  # SDPA's default, 1 / sqrt(head size)
-        scale = builder.call(aten.rsqrt.default, builder.call(
-            aten.scalar_tensor.default, builder.call(aten.sym_size.int, query, -1), dtype=torch.float32))
-    scores = builder.call(aten.matmul.default, query, builder.call(aten.transpose.int, key, -2, -1))
-    scores = builder.call(aten.mul.Tensor, scores, scale)
-    if mask is not None:
-        scores = builder.call(aten.add.Tensor, scores, mask)
-    lse = builder.call(aten.logsumexp.default, scores, [-1], True)
-    probabilities = builder.call(aten.exp.default, builder.call(aten.sub.Tensor, scores, lse))
-    output = builder.call(aten.matmul.default, probabilities, value)
-    return output, builder.call(aten.squeeze.dim, lse, -1)
-

@@ -87,21 +87,8 @@ class SequenceAttention:
                     f"{ulysses_size} does not divide. Use a Ulysses degree that divides the head count, or "
                     "mesh='auto'.")
             return replicated(f"{heads} heads are not divisible by the Ulysses degree {ulysses_size}")
-        if self.mesh.ring is not None and self.mesh.ring.differentiable:
-            # Ring's merge of partial results needs the log-sum-exp's gradient, which the fused kernels do not
-            # give: a graph compiled to train gathers the keys and values instead (exact, with a backward:
-            # the gather reduce-scatters their gradients), at the cost of holding them whole.
-            if view["is_causal"]:
-                return replicated("is_causal with sharded queries and gathered keys")
-            inputs = {"query": query_layout}
-            mask = view["attn_mask"]
-            if isinstance(mask, fx.Node):
-                mask_query_dim = len(view.shape(mask)) - 2
-                if mask_query_dim >= 0 and not same_size(view.shape(mask)[mask_query_dim], 1):
-                    inputs["attn_mask"] = query_layout.at_dim(mask_query_dim)
-            return AttentionSite("local", reason="keys and values gathered (training: ring attention has no "
-                                 "backward yet)", inputs=inputs, output=query_layout)
         if self.mesh.ring is not None:
+            # In a graph compiled to train too: the ring then runs inside a differentiable op (ring_attention.py).
             if ndim != 4:
                 return replicated("ring attention needs [batch, heads, tokens, head size] inputs")
             # A ring step sends a key block with its value block, token for token: values split another way
