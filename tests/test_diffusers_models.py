@@ -3,7 +3,7 @@
 One `run_on_ranks` call per world size runs every model inside the ranks (spawning processes and
 importing diffusers costs seconds, so it is done once per world size); the tests then look at the
 per-model results, so each model still shows as its own test. A third world (at the end of this module)
-runs the models added for issue 14 on Ulysses 2 and Ring 2.
+runs the models added for issue 14 on Ulysses 2 and Ring 2 (the later ones on one of the two each).
 
 Sizes are "uneven": 5x7 image tokens (video: 3 frames of 5x7) and 6 text tokens, so neither the
 image tokens nor image + text divide by 2 or 4 ranks. World size 2 runs the first 13 models. World size 4
@@ -155,49 +155,61 @@ def test_flux_inductor_graph_uses_ulysses(flux_inductor_results):
 
 
 # ----------------------------------------------------------------------------------------------
-# Five more models, and Mochi in one graph, each on Ulysses 2 and Ring 2, in one 2-rank world (one spawn and
-# one diffusers import for all twelve runs). Latte shards its frames: its temporal attention exchanges them,
-# its spatial attention runs on each rank's frames with no communication. HunyuanImage's per-sample text
-# reordering (boolean-mask indexing in a loop) makes Dynamo fall back to eager for the forward and compile
-# each block on its own; the graphs without attention (embeddings, the final layer) run replicated with a
-# warning. Mochi with Dynamo's capture_dynamic_output_shape_ops (the user's setting) keeps its per-sample
-# `nonzero` in the graph: its joint attention runs sharded over the image tokens and the valid text tokens
-# (a data-dependent segment).
+# Five more models, and Mochi in one graph, each on Ulysses 2 and Ring 2, then twenty-five more on one mesh each
+# (ONE_MESH), in one 2-rank world (one spawn and one diffusers import for all thirty-seven runs). Latte shards
+# its frames: its temporal attention exchanges them, its spatial attention runs on each rank's frames with no
+# communication. HunyuanImage's per-sample text reordering (boolean-mask indexing in a loop) makes Dynamo fall
+# back to eager for the forward and compile each block on its own; the graphs without attention (embeddings, the
+# final layer) run replicated with a warning; HunyuanVideo 1.5, FramePack and OmniGen break theirs too. Mochi
+# with Dynamo's capture_dynamic_output_shape_ops (the user's setting) keeps its per-sample `nonzero` in the
+# graph: its joint attention runs sharded over the image tokens and the valid text tokens (a data-dependent
+# segment).
 
 BOTH_MESHES = ["sana_video", "flux2", "consisid", "latte", "hunyuan_image", "mochi"]
 MESHES = {"ulysses2": {"ulysses": 2}, "ring2": {"ring": 2}}
+# Issue 14's second round, in the same world, one mesh each to keep the suite's time (each matched eager on both
+# meshes by hand, and tests/test_plans.py checks every one's plan): the meshes alternate within each family
+# (FLUX-like, Wan-like, CogView, video DiTs) so that both strategies run on every family.
+ONE_MESH = {"chroma": "ring2", "bria": "ulysses2", "ovis_image": "ulysses2", "longcat_image": "ring2",
+            "cogview4": "ring2", "cogview3plus": "ulysses2", "auraflow": "ring2", "dit": "ulysses2",
+            "skyreels_v2": "ulysses2", "wan_vace": "ring2", "chronoedit": "ulysses2", "z_image": "ring2",
+            "allegro": "ulysses2", "cosmos": "ring2", "easyanimate": "ring2", "kandinsky5": "ulysses2",
+            "hunyuan_video15": "ring2", "framepack": "ulysses2", "omnigen": "ring2", "ltx2": "ulysses2",
+            "krea2": "ring2", "ernie_image": "ulysses2", "prx": "ring2", "flux3": "ring2", "bria_fibo": "ulysses2"}
 DYNAMO_CONFIG = {"mochi": {"capture_dynamic_output_shape_ops": True}}
+# Models whose forward breaks Dynamo's graph (per-sample boolean-mask indexing of the text, a `.item()`, a branch on
+# a tensor's value): the graphs without attention warn that they run replicated.
+GRAPH_BREAKS = {"hunyuan_image", "hunyuan_video15", "framepack", "omnigen"}
 # What some report of each model says, besides the strategy's own line ("ulysses over 2 ranks", ...).
 ALSO_REPORTED = {"latte": "local (split along dim 0", "sana_video": PARTIAL_SUM,
                  # the caption pooler attends from one pooled query to the text: nothing to split
                  "mochi": "in time_embed.pooler: replicated (no input is token-sharded)"}
 NO_ATTENTION_WARNING = "the graph has no scaled_dot_product_attention"
-BOTH_MESH_CASES = [(name, mesh) for name in BOTH_MESHES for mesh in MESHES]
+BOTH_MESH_CASES = [(name, mesh) for name in BOTH_MESHES for mesh in MESHES] + list(ONE_MESH.items())
 
 
-def _run_both_meshes(rank, world_size, names):
+def _run_both_meshes(rank, world_size, cases):
     import warnings
 
     from tests.tiny_models import CASES
 
     results = {}
-    for name in names:
-        case = CASES[name]
-        for mesh_name, mesh in MESHES.items():
-            torch._dynamo.reset()
-            with warnings.catch_warnings(record=True) as caught, torch._dynamo.config.patch(DYNAMO_CONFIG.get(name, {})):
-                warnings.simplefilter("always")
-                result = run_compiled_vs_eager(case.build(), case.make_inputs(seed=0, size="uneven"),
-                                               {"compiler": "eager", "mesh": mesh}, case.output, record=False)
-            result["warnings"] = [str(warning.message) for warning in caught if "paracompile" in str(warning.message)]
-            results[(name, mesh_name)] = without_callables(result)
+    for name, mesh_name in cases:
+        case, mesh = CASES[name], MESHES[mesh_name]
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as caught, torch._dynamo.config.patch(DYNAMO_CONFIG.get(name, {})):
+            warnings.simplefilter("always")
+            result = run_compiled_vs_eager(case.build(), case.make_inputs(seed=0, size="uneven"),
+                                           {"compiler": "eager", "mesh": mesh}, case.output, record=False)
+        result["warnings"] = [str(warning.message) for warning in caught if "paracompile" in str(warning.message)]
+        results[(name, mesh_name)] = without_callables(result)
     torch._dynamo.reset()
     return results
 
 
 @pytest.fixture(scope="module")
 def both_meshes_ws2():
-    per_rank = run_on_ranks(_run_both_meshes, 2, BOTH_MESHES, timeout=900)
+    per_rank = run_on_ranks(_run_both_meshes, 2, BOTH_MESH_CASES, timeout=900)
     return {key: [ranks[key] for ranks in per_rank] for key in per_rank[0]}
 
 
@@ -212,6 +224,6 @@ def test_matches_eager_with_every_attention_sharded(both_meshes_ws2, name, mesh)
         assert result["explanations"] and strategy in reports, reports
         assert ALSO_REPORTED.get(name, strategy) in reports, reports
         assert reports.count(": replicated (") == (name == "mochi"), reports
-        # Only HunyuanImage breaks its graph: its graphs without attention warn that they run replicated.
-        assert any(NO_ATTENTION_WARNING in text for text in result["warnings"]) == (name == "hunyuan_image"), \
+        # Only the models that break their graph have graphs without attention, which warn that they run replicated.
+        assert any(NO_ATTENTION_WARNING in text for text in result["warnings"]) == (name in GRAPH_BREAKS), \
             result["warnings"]

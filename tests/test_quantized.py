@@ -78,6 +78,7 @@ def test_float8_flux_shards_every_linear_and_computes_per_tensor_scales_over_eve
         assert not reductions, report
 
 
+@pytest.mark.slow  # 3-5 s each; the float8 plan test above keeps a quantized plan in the fast tier
 @pytest.mark.parametrize("config", ["int8wo", "int8dyn"])
 @pytest.mark.parametrize("mesh", [{"ulysses": 2}, {"ring": 2}])
 def test_quantized_flux_plan_is_the_plain_one(fake_rank0, config, mesh):

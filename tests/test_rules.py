@@ -70,6 +70,51 @@ def test_cat_along_the_token_axis_appends_segments():
     assert sharding.output == TokenLayout(1, (3, 7))
 
 
+def test_pad_sequence_stacks_sequences_split_alike_and_declines_padding_along_the_token_axis():
+    """Z-Image stacks each sample's tokens with pad_sequence: with the token axis the padded dim, the
+    sequences must all have its length (nothing is padded); a token axis on a trailing dim is never padded."""
+    def stacked(a, b, batch_first):
+        return _node(lambda x, y: torch.nn.utils.rnn.pad_sequence([x, y], batch_first=batch_first), a, b,
+                     target=aten.pad_sequence.default)[0]
+
+    tokens = TokenLayout(0, (10,))
+    same = stacked(torch.randn(10, 8), torch.randn(10, 8), batch_first=True)
+    sharding = _apply(same, {"x_1": tokens, "y_1": tokens})
+    assert sharding.output == TokenLayout(1, (10,)) and sharding.inputs == {"sequences": [tokens, tokens]}
+    assert _apply(stacked(torch.randn(10, 8), torch.randn(10, 8), batch_first=False),
+                  {"x_1": tokens}).output == TokenLayout(0, (10,))
+    assert _apply(stacked(torch.randn(10, 8), torch.randn(7, 8), batch_first=True), {"x_1": tokens}) is None
+    trailing = stacked(torch.randn(3, 10), torch.randn(5, 10), batch_first=True)
+    assert _apply(trailing, {"x_1": TokenLayout(1, (10,)), "y_1": TokenLayout(1, (10,))}).output == \
+        TokenLayout(2, (10,))
+    assert _apply(trailing, {"x_1": TokenLayout(1, (10,)), "y_1": TokenLayout(1, (4, 6))}) is None
+
+
+def test_a_conversion_that_changes_nothing_is_a_true_view_of_its_input():
+    """`x.to(x.dtype)` returns x itself, on a full tensor or a shard: an in-place write through it reaches
+    x's own storage (CogView4 writes its rotary update into `norm_q(q).to(dtype)`). A conversion that
+    changes the dtype copies, so a write through it would be lost."""
+    from paracompile.passes.sharding_plan import Aliases
+
+    def convert(x):
+        same, other = x.to(torch.float32), x.to(torch.float64)
+        same[:, 1:] = 0
+        other[:, 1:] = 0
+        return same, other
+
+    graph = make_fx(convert, pre_dispatch=True)(torch.randn(2, 3)).graph
+    aliases = Aliases()
+    conversions = []
+    for node in graph.nodes:
+        if node.op == "call_function":
+            aliases.track(node, lambda parent: True)
+            if node.target is aten.to.dtype:
+                conversions.append(node)
+    same, other = conversions
+    assert aliases.root_of(same).target == "x_1" and aliases.is_true_view(same)
+    assert not aliases.is_true_view(other)
+
+
 @pytest.mark.parametrize("function, token_local", [
     (lambda x: x.mean(-1), True), (lambda x: x.var(1), False), (lambda x: x.softmax(-1), True),
     (lambda x: x.softmax(1), False)])

@@ -10,7 +10,9 @@ sees the same graph structure, dtypes and argument kinds as in real inference.
     out = case.output(model(**case.make_inputs(seed=0, size="uneven")))
 
 `make_inputs(seed=0, size="default", batch=1)`: `batch=2` gives what pipelines that batch
-cond/uncond pass (prompts of different lengths, so per-row masks differ).
+cond/uncond pass (prompts of different lengths, so per-row masks differ). Pipelines that always put
+the negative and the positive prompt in one batch (DiT, OmniGen, ERNIE-Image, PRX, Bria FIBO) get
+2 * batch rows. FLUX.3 has no pipeline in diffusers 0.42.1: it is called as its forward documents.
 
 Sizes (token counts are after patchification):
     "default": 8x8 image tokens (video: 2 frames of 8x8), 8 text tokens.
@@ -903,12 +905,1055 @@ def _hunyuan_image_inputs(seed=0, size="default", batch=1):
 
 
 # ---------------------------------------------------------------------------------------------
+# Chroma: ChromaPipeline.__call__ (FLUX.1-schnell's layout without the guidance and pooled text embedders: a
+# distilled modulation approximator; T5 hidden states with a mask that keeps the first padding token, extended
+# with ones over the image tokens, which the model turns into an outer-product [S, S] attention mask)
+# ---------------------------------------------------------------------------------------------
+
+
+def _chroma_build():
+    from diffusers import ChromaTransformer2DModel
+
+    return _build(
+        ChromaTransformer2DModel,
+        patch_size=1,
+        in_channels=LATENT_CHANNELS * 4,  # 2x2 packed latents
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=TEXT_DIM,
+        axes_dims_rope=(4, 6, 6),  # sums to HEAD_DIM
+        approximator_num_channels=16,
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+
+
+def _chroma_inputs(seed=0, size="default", batch=1):
+    s = _size(size)
+    inputs = _flux_inputs(seed, size, batch)
+    # ChromaPipeline._get_t5_prompt_embeds: the mask keeps the first padding token; _prepare_attention_mask
+    # appends ones for the image tokens (text first, as the joint sequence).
+    prompt_tokens = _text_mask(batch, s.text, torch.long).sum(dim=1, keepdim=True)
+    text_mask = torch.arange(s.text)[None, :] <= prompt_tokens
+    del inputs["guidance"], inputs["pooled_projections"]
+    # The pipeline casts the mask to the latents' dtype, then concatenates boolean ones.
+    image_mask = torch.ones(batch, s.height * s.width, dtype=torch.bool)
+    inputs["attention_mask"] = torch.cat([text_mask.float(), image_mask], dim=1)
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# CogView4: CogView4Pipeline.__call__ (GLM hidden states, no mask; SDXL-style size conditions; rotary embeddings
+# on the image tokens only, written in place into q and k)
+# ---------------------------------------------------------------------------------------------
+
+
+def _cogview_conditions(batch: int, s: _Size) -> dict:
+    """CogView3PlusPipeline/CogView4Pipeline: original and target size (pixels), crop corner, one row per sample."""
+    size = torch.tensor([[16.0 * s.height, 16.0 * s.width]]).repeat(batch, 1)
+    return dict(original_size=size, target_size=size.clone(), crop_coords=torch.zeros(batch, 2))
+
+
+def _cogview4_build():
+    from diffusers import CogView4Transformer2DModel
+
+    return _build(
+        CogView4Transformer2DModel,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        text_embed_dim=TEXT_DIM,
+        time_embed_dim=32,
+        condition_dim=16,
+        pos_embed_max_size=16,
+        sample_size=16,
+        rope_axes_dim=(32, 32),
+    )
+
+
+def _cogview4_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    return dict(
+        hidden_states=_randn(g, batch, LATENT_CHANNELS, 2 * s.height, 2 * s.width),
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        timestep=_timestep(g, batch),
+        **_cogview_conditions(batch, s),
+        attention_kwargs=None,
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# CogView3-Plus: CogView3PlusPipeline.__call__ (T5 hidden states, no mask; SDXL-style size conditions; text and
+# image tokens joined in the patch embedding, a sincos table on the image part)
+# ---------------------------------------------------------------------------------------------
+
+
+def _cogview3plus_build():
+    from diffusers import CogView3PlusTransformer2DModel
+
+    return _build(
+        CogView3PlusTransformer2DModel,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        num_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        out_channels=LATENT_CHANNELS,
+        text_embed_dim=TEXT_DIM,
+        time_embed_dim=32,
+        condition_dim=16,
+        pos_embed_max_size=16,
+        sample_size=16,
+    )
+
+
+def _cogview3plus_inputs(seed=0, size="default", batch=1):
+    inputs = _cogview4_inputs(seed, size, batch)
+    del inputs["attention_kwargs"]
+    inputs["timestep"] = inputs["timestep"].long()  # CogVideoXDDIMScheduler: int timesteps
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# AuraFlow: AuraFlowPipeline.__call__ (UMT5 hidden states, no mask; timestep t / 1000; register tokens joined to
+# the text; MMDiT blocks then single-stream blocks)
+# ---------------------------------------------------------------------------------------------
+
+
+def _auraflow_build():
+    from diffusers import AuraFlowTransformer2DModel
+
+    return _build(
+        AuraFlowTransformer2DModel,
+        sample_size=16,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        num_mmdit_layers=1,
+        num_single_dit_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=TEXT_DIM,
+        caption_projection_dim=INNER_DIM,
+        out_channels=LATENT_CHANNELS,
+        pos_embed_max_size=256,  # a 16x16 grid, >= every token grid
+    )
+
+
+def _auraflow_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    return dict(
+        hidden_states=_randn(g, batch, LATENT_CHANNELS, 2 * s.height, 2 * s.width),
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        timestep=_timestep(g, batch) / 1000,
+        return_dict=False,
+        attention_kwargs=None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Allegro: AllegroPipeline.__call__ (T5 hidden states with their mask; 3D rotary tables as per-axis frequencies
+# and per-token grid positions; self-attention over all video tokens, cross-attention to the text)
+# ---------------------------------------------------------------------------------------------
+
+# The 3D rotary table gives each axis a third of the head's channels, an even count each: 4 heads of 24.
+_ALLEGRO_HEAD_DIM = 24
+_ALLEGRO_CONFIG = dict(
+    patch_size=2,
+    patch_size_t=1,
+    num_attention_heads=HEADS,
+    attention_head_dim=_ALLEGRO_HEAD_DIM,
+    in_channels=LATENT_CHANNELS,
+    out_channels=LATENT_CHANNELS,
+    num_layers=1,
+    cross_attention_dim=HEADS * _ALLEGRO_HEAD_DIM,
+    sample_height=16,
+    sample_width=16,
+    sample_frames=4,
+    caption_channels=TEXT_DIM,
+)
+
+
+def _allegro_build():
+    from diffusers import AllegroTransformer3DModel
+
+    return _build(AllegroTransformer3DModel, **_ALLEGRO_CONFIG)
+
+
+def _allegro_inputs(seed=0, size="default", batch=1):
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
+
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    # AllegroPipeline._prepare_rotary_positional_embeddings
+    freqs_t, freqs_h, freqs_w, grid_t, grid_h, grid_w = get_3d_rotary_pos_embed_allegro(
+        embed_dim=_ALLEGRO_HEAD_DIM, crops_coords=((0, 0), (s.height, s.width)), grid_size=(s.height, s.width),
+        temporal_size=s.frames, interpolation_scale=(2.2, 2.0, 2.0))
+    pos = torch.cartesian_prod(grid_t.long(), grid_h.long(), grid_w.long())
+    pos = pos.reshape(-1, 3).transpose(0, 1).reshape(3, 1, -1).contiguous()
+    return dict(
+        hidden_states=_randn(g, batch, LATENT_CHANNELS, s.frames, 2 * s.height, 2 * s.width),
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        encoder_attention_mask=_text_mask(batch, s.text, torch.long),
+        timestep=_timestep(g, batch, dtype=torch.long),
+        image_rotary_emb=((freqs_t, freqs_h, freqs_w), tuple(pos)),
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Cosmos 1.0 text-to-world: CosmosTextToWorldPipeline.__call__ (T5 hidden states, no mask; 3D rotary table and a
+# learnable position embedding computed inside the model; AdaLN-LoRA modulation). The pipeline also passes a zero
+# padding mask at pixel resolution, which the model resizes to the latent grid with torchvision and concatenates as
+# an input channel (concat_padding_mask); torchvision is not a test dependency, so the tiny config turns that off
+# (a zero channel before the patch embedding: nothing the token axis sees).
+# ---------------------------------------------------------------------------------------------
+
+
+def _cosmos_build():
+    from diffusers import CosmosTransformer3DModel
+
+    return _build(
+        CosmosTransformer3DModel,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        num_layers=1,
+        mlp_ratio=2.0,
+        text_embed_dim=TEXT_DIM,
+        adaln_lora_dim=16,
+        max_size=(8, 32, 32),
+        patch_size=(1, 2, 2),
+        rope_scale=(2.0, 1.0, 1.0),
+        concat_padding_mask=False,
+        extra_pos_embed_type="learnable",
+    )
+
+
+def _cosmos_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    return dict(
+        hidden_states=_randn(g, batch, LATENT_CHANNELS, s.frames, 2 * s.height, 2 * s.width),
+        timestep=_timestep(g, batch),
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        fps=30,
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# SkyReels-V2 (text to video): SkyReelsV2Pipeline.__call__ (Wan 2.1's architecture and call: zero-padded T5 text,
+# no mask)
+# ---------------------------------------------------------------------------------------------
+
+
+def _skyreels_v2_build():
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    return _build(SkyReelsV2Transformer3DModel, in_channels=LATENT_CHANNELS, **{**_WAN_CONFIG, "num_layers": 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# Wan VACE: WanVACEPipeline.__call__ (Wan 2.1 t2v plus control hidden states: the VAE-encoded inactive and
+# reactive video and the 8x8-folded mask, concatenated on channels, run through VACE blocks whose outputs are
+# added, scaled, after the matching Wan blocks)
+# ---------------------------------------------------------------------------------------------
+
+_VACE_MASK_CHANNELS = 8  # the mask folded over the VAE's spatial factor (8 x 8 = 64 in the real model)
+
+
+def _wan_vace_build():
+    from diffusers import WanVACETransformer3DModel
+
+    return _build(
+        WanVACETransformer3DModel,
+        in_channels=LATENT_CHANNELS,
+        vace_layers=[0],
+        vace_in_channels=2 * LATENT_CHANNELS + _VACE_MASK_CHANNELS,
+        **{**_WAN_CONFIG, "num_layers": 1},
+    )
+
+
+def _wan_vace_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    inputs = _wan_t2v_inputs(seed, size, batch)
+    shape = (batch, 2 * LATENT_CHANNELS + _VACE_MASK_CHANNELS, s.frames, 2 * s.height, 2 * s.width)
+    inputs.update(
+        control_hidden_states=_randn(g, *shape),
+        control_hidden_states_scale=torch.tensor([0.5]),  # one per VACE layer
+    )
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# HunyuanVideo 1.5 (text to video): HunyuanVideo15Pipeline.__call__ (Qwen2.5-VL hidden states and byT5 glyph
+# embeddings, each with its mask; the latents concatenated with zero condition latents and a zero mask channel;
+# zero SigLIP image embeddings for text to video)
+# ---------------------------------------------------------------------------------------------
+
+_SIGLIP_DIM = 24  # SigLIP hidden size (1152 in the real model)
+_SIGLIP_TOKENS = 5  # SigLIP semantic tokens (729 in the real model)
+
+
+def _hunyuan_video15_build():
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    return _build(
+        HunyuanVideo15Transformer3DModel,
+        in_channels=2 * LATENT_CHANNELS + 1,
+        out_channels=LATENT_CHANNELS,
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        num_layers=1,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        text_embed_dim=TEXT_DIM,
+        text_embed_2_dim=_BYT5_DIM,
+        image_embed_dim=_SIGLIP_DIM,
+        rope_axes_dim=(4, 6, 6),  # sums to HEAD_DIM
+        task_type="t2v",
+    )
+
+
+def _hunyuan_video15_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    shape = (batch, LATENT_CHANNELS, s.frames, s.height, s.width)  # patch size 1
+    glyph_tokens = s.text // 2
+    # prepare_cond_latents_and_mask for text to video: zero condition latents, a zero mask channel.
+    condition = torch.zeros(shape)
+    mask = torch.zeros(batch, 1, *shape[2:])
+    return dict(
+        hidden_states=torch.cat([_randn(g, *shape), condition, mask], dim=1),
+        image_embeds=torch.zeros(batch, _SIGLIP_TOKENS, _SIGLIP_DIM),
+        timestep=_timestep(g, batch),
+        attention_kwargs=None,
+        return_dict=False,
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        encoder_attention_mask=_text_mask(batch, s.text, torch.long),
+        encoder_hidden_states_2=_randn(g, batch, glyph_tokens, _BYT5_DIM),
+        encoder_attention_mask_2=_text_mask(batch, glyph_tokens, torch.long),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Z-Image: ZImagePipeline.__call__ (per-sample lists: each latent as [C, 1, H, W] and each prompt's valid Qwen3
+# hidden states, unpadded; timestep (1000 - t) / 1000). The model pads each sample's caption and image tokens
+# to a multiple of 32 itself, refines them apart, then attends over both; it returns a list of per-sample latents.
+# ---------------------------------------------------------------------------------------------
+
+
+def _z_image_build():
+    from diffusers import ZImageTransformer2DModel
+
+    model = _build(
+        ZImageTransformer2DModel,
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=LATENT_CHANNELS,
+        dim=INNER_DIM,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=HEADS,
+        n_kv_heads=HEADS,
+        cap_feat_dim=TEXT_DIM,
+        axes_dims=[4, 6, 6],  # sums to HEAD_DIM
+        axes_lens=[64, 32, 32],
+    )
+    # The rotary tables are computed on the first call, under a `torch.device` context Dynamo cannot enter (a graph
+    # break); every later denoising step finds them cached and compiles one graph. One eager call gives the tiny
+    # model that steady state.
+    with torch.no_grad():
+        model(**_z_image_inputs())
+    return model
+
+
+def _z_image_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    latents = _randn(g, batch, LATENT_CHANNELS, 2 * s.height, 2 * s.width)
+    prompt_tokens = _text_mask(batch, s.text, torch.long).sum(dim=1).tolist()
+    return dict(
+        x=list(latents.unsqueeze(2).unbind(dim=0)),
+        t=(1000 - _timestep(g, batch)) / 1000,
+        cap_feats=[_randn(g, tokens, TEXT_DIM) for tokens in prompt_tokens],  # prompt_embeds[i][prompt_masks[i]]
+        joint_attention_kwargs=None,
+        return_dict=False,
+    )
+
+
+def _stacked_first(output) -> torch.Tensor:
+    """Models that return a list of per-sample outputs (Z-Image): the samples stacked."""
+    return torch.stack(list(output[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# DiT: DiTPipeline.__call__ (class-conditional: latents doubled for classifier-free guidance, the null class 1000 as
+# the second half; int timesteps; learned sigma)
+# ---------------------------------------------------------------------------------------------
+
+
+def _dit_build():
+    from diffusers import DiTTransformer2DModel
+
+    return _build(
+        DiTTransformer2DModel,
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        in_channels=LATENT_CHANNELS,
+        out_channels=2 * LATENT_CHANNELS,  # learned sigma
+        num_layers=1,
+        norm_num_groups=4,
+        sample_size=16,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    )
+
+
+def _dit_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    # DiT unpatchifies a square grid only: the grid side is the size's width (uneven: 7x7, 49 tokens).
+    latents = _randn(g, batch, LATENT_CHANNELS, 2 * s.width, 2 * s.width)
+    class_labels = torch.randint(0, 1000, (batch,), generator=g)
+    return dict(
+        hidden_states=torch.cat([latents] * 2),  # guidance_scale > 1
+        timestep=_timestep(g, 2 * batch, dtype=torch.long),
+        class_labels=torch.cat([class_labels, torch.full((batch,), 1000)]),
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# EasyAnimate V5.1: EasyAnimatePipeline.__call__ (Qwen2-VL hidden states, no mask passed to the model; float
+# timesteps; MMDiT-style joint text + video attention with a 3D rotary table)
+# ---------------------------------------------------------------------------------------------
+
+
+def _easyanimate_build():
+    from diffusers import EasyAnimateTransformer3DModel
+
+    return _build(
+        EasyAnimateTransformer3DModel,
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        patch_size=2,
+        sample_width=16,
+        sample_height=16,
+        num_layers=1,
+        mmdit_layers=1,
+        time_embed_dim=32,
+        text_embed_dim=TEXT_DIM,
+        time_position_encoding_type="3d_rope",
+        after_norm=False,
+        resize_inpaint_mask_directly=True,
+        enable_text_attention_mask=True,
+        add_noise_in_inpaint_model=True,
+    )
+
+
+def _easyanimate_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    return dict(
+        hidden_states=_randn(g, batch, LATENT_CHANNELS, s.frames, 2 * s.height, 2 * s.width),
+        timestep=_timestep(g, batch),
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Bria 3.2: BriaPipeline.__call__ (FLUX's layout without pooled text or guidance embeddings; T5 hidden states, no
+# mask; integer-step timesteps; zero text ids and (0, row, col) image ids, without the batch dim)
+# ---------------------------------------------------------------------------------------------
+
+
+def _bria_build():
+    from diffusers import BriaTransformer2DModel
+
+    return _build(
+        BriaTransformer2DModel,
+        patch_size=1,
+        in_channels=LATENT_CHANNELS * 4,  # 2x2 packed latents
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=TEXT_DIM,
+        axes_dims_rope=[4, 6, 6],  # sums to HEAD_DIM
+    )
+
+
+def _bria_inputs(seed=0, size="default", batch=1):
+    inputs = _flux_inputs(seed, size, batch)
+    del inputs["guidance"], inputs["pooled_projections"], inputs["joint_attention_kwargs"]
+    inputs["timestep"] = inputs["timestep"] * 1000  # t.expand(batch): the scheduler's timestep
+    inputs["attention_kwargs"] = None
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# LongCat-Image: LongCatImagePipeline.__call__ (Qwen2.5-VL hidden states, no mask; FLUX-style double and single
+# blocks; text position ids (0, i, i), image ids (1, row, col) offset by the tokenizer's maximum length)
+# ---------------------------------------------------------------------------------------------
+
+
+def _longcat_image_build():
+    from diffusers import LongCatImageTransformer2DModel
+
+    return _build(
+        LongCatImageTransformer2DModel,
+        patch_size=1,
+        in_channels=LATENT_CHANNELS * 4,  # 2x2 packed latents
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=TEXT_DIM,
+        axes_dims_rope=[4, 6, 6],  # sums to HEAD_DIM
+    )
+
+
+def _longcat_image_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    latents = _randn(g, batch, LATENT_CHANNELS, 2 * s.height, 2 * s.width)
+    # prepare_pos_ids: text (0, i, i); image (1, row + L, col + L), L the tokenizer's max length (here the text's).
+    text_ids = torch.zeros(s.text, 3)
+    text_ids[:, 1] = text_ids[:, 2] = torch.arange(s.text).float()
+    img_ids = torch.ones(s.height, s.width, 3)
+    img_ids[..., 1] = torch.arange(s.height)[:, None] + s.text
+    img_ids[..., 2] = torch.arange(s.width)[None, :] + s.text
+    return dict(
+        hidden_states=_pack_2x2(latents),
+        timestep=_timestep(g, batch) / 1000,
+        guidance=None,
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        txt_ids=text_ids,
+        img_ids=img_ids.reshape(-1, 3),
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Ovis-Image: OvisImagePipeline.__call__ (Ovis hidden states, no mask; FLUX-style double and single blocks without
+# pooled text or guidance embeddings)
+# ---------------------------------------------------------------------------------------------
+
+
+def _ovis_image_build():
+    from diffusers import OvisImageTransformer2DModel
+
+    return _build(
+        OvisImageTransformer2DModel,
+        patch_size=1,
+        in_channels=LATENT_CHANNELS * 4,  # 2x2 packed latents
+        out_channels=LATENT_CHANNELS * 4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=TEXT_DIM,
+        axes_dims_rope=(4, 6, 6),  # sums to HEAD_DIM
+    )
+
+
+def _ovis_image_inputs(seed=0, size="default", batch=1):
+    inputs = _flux_inputs(seed, size, batch)
+    del inputs["guidance"], inputs["pooled_projections"]
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# ChronoEdit: ChronoEditPipeline.__call__ (Wan 2.1 i2v's architecture and call; two latent frames, the input image
+# and the edit, take the rotary table's first and last temporal positions; more frames with temporal reasoning)
+# ---------------------------------------------------------------------------------------------
+
+
+def _chronoedit_build():
+    from diffusers import ChronoEditTransformer3DModel
+
+    return _build(
+        ChronoEditTransformer3DModel,
+        in_channels=2 * LATENT_CHANNELS + _WAN_VAE_TEMPORAL,
+        image_dim=_WAN_IMAGE_DIM,
+        added_kv_proj_dim=INNER_DIM,
+        rope_temporal_skip_len=8,
+        **{**_WAN_CONFIG, "num_layers": 1},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Kandinsky 5.0 Lite (text to video): Kandinsky5T2VPipeline.__call__ (channels-last latents [B, T, H, W, C] with
+# zero visual-condition channels and mask; Qwen2.5-VL hidden states of the prompt's own tokens and a pooled CLIP
+# embedding; rotary positions as aranges per axis; regular, not sparse, attention)
+# ---------------------------------------------------------------------------------------------
+
+
+def _kandinsky5_build():
+    from diffusers import Kandinsky5Transformer3DModel
+
+    return _build(
+        Kandinsky5Transformer3DModel,
+        in_visual_dim=LATENT_CHANNELS,  # the model adds the visual condition and its mask (2 C + 1 channels in)
+        in_text_dim=TEXT_DIM,
+        in_text_dim2=POOLED_DIM,
+        time_dim=32,
+        out_visual_dim=LATENT_CHANNELS,
+        patch_size=(1, 2, 2),
+        model_dim=INNER_DIM,
+        ff_dim=2 * INNER_DIM,
+        num_text_blocks=1,
+        num_visual_blocks=1,
+        axes_dims=(4, 6, 6),  # sums to HEAD_DIM: INNER_DIM / HEAD_DIM heads
+        visual_cond=True,
+    )
+
+
+def _kandinsky5_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    shape = (batch, s.frames, 2 * s.height, 2 * s.width, LATENT_CHANNELS)
+    # prepare_latents with visual_cond: zero condition latents and a zero mask channel, concatenated on channels.
+    latents = torch.cat([_randn(g, *shape), torch.zeros(shape), torch.zeros(*shape[:-1], 1)], dim=-1)
+    return dict(
+        hidden_states=latents,
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        pooled_projections=_randn(g, batch, POOLED_DIM),
+        timestep=_timestep(g, batch),
+        visual_rope_pos=[torch.arange(s.frames), torch.arange(s.height), torch.arange(s.width)],
+        text_rope_pos=torch.arange(s.text),
+        scale_factor=(1, 3.16, 3.16),  # _get_scale_factor outside 480p
+        sparse_params=None,  # attention_type "regular"
+        return_dict=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# OmniGen: OmniGenPipeline.__call__ (text to image: the conditional and the unconditional prompt in one batch of 2,
+# their token ids left-padded to one length; the model embeds them itself, appends a time token and the image
+# tokens, and runs a Phi-3 stack under OmniGenMultiModalProcessor's [S, S] mask: causal over the text and the time
+# token, bidirectional over the image, padding masked out)
+# ---------------------------------------------------------------------------------------------
+
+_OMNIGEN_VOCAB = 64
+
+
+def _omnigen_build():
+    from diffusers import OmniGenTransformer2DModel
+
+    return _build(
+        OmniGenTransformer2DModel,
+        in_channels=LATENT_CHANNELS,
+        patch_size=2,
+        hidden_size=INNER_DIM,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        intermediate_size=2 * INNER_DIM,
+        num_layers=1,
+        pad_token_id=_OMNIGEN_VOCAB - 1,
+        vocab_size=_OMNIGEN_VOCAB,
+        max_position_embeddings=256,
+        original_max_position_embeddings=256,
+        rope_scaling={"short_factor": [1.0] * (HEAD_DIM // 2), "long_factor": [2.0] * (HEAD_DIM // 2)},  # Phi-3's "su"
+        pos_embed_max_size=16,
+        time_step_dim=32,
+    )
+
+
+def _omnigen_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    rows = 2 * batch  # conditional and unconditional prompts (num_cfg + 1)
+    image_tokens = s.height * s.width
+    valid = _text_mask(rows, s.text, torch.long)  # left-padded below, as pad_input_ids does
+    valid = valid.flip(-1)
+    ids = torch.randint(0, _OMNIGEN_VOCAB - 1, (rows, s.text), generator=g).masked_fill(valid == 0, _OMNIGEN_VOCAB - 1)
+    positions, masks = [], []
+    for row in valid:  # OmniGenMultiModalProcessor.create_position and create_mask
+        tokens, pad = int(row.sum()), s.text - int(row.sum())
+        positions.append([0] * pad + list(range(tokens + image_tokens + 1)))
+        mask = torch.cat([torch.tril(torch.ones(tokens + 1, tokens + 1)), torch.zeros(tokens + 1, image_tokens)], -1)
+        mask = torch.cat([mask, torch.ones(image_tokens, tokens + image_tokens + 1)], dim=0)
+        if pad:
+            mask = torch.cat([torch.zeros(tokens + 1 + image_tokens, pad), mask], dim=-1)
+            mask = torch.cat([torch.ones(pad, s.text + image_tokens + 1), mask], dim=0)
+        masks.append(mask)
+    latents = _randn(g, batch, LATENT_CHANNELS, 2 * s.height, 2 * s.width)
+    return dict(
+        hidden_states=torch.cat([latents] * 2),
+        timestep=_timestep(g, rows) / 1000,
+        input_ids=ids,
+        input_img_latents=[],
+        input_image_sizes={row: [] for row in range(rows)},
+        attention_mask=torch.stack(masks).long(),
+        position_ids=torch.tensor(positions),
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# FramePack (HunyuanVideo I2V): HunyuanVideoFramepackPipeline.__call__, inverted anti-drifting sampling, last section
+# (no padding frames). HunyuanVideo's blocks over the window's tokens packed after the clean history's: the first
+# image and one clean frame (1x), two frames at 2x and sixteen at 4x downsampling (strided 3D convolutions), each
+# with the rotary table of its frame indices; SigLIP image tokens joined to the refined text.
+# ---------------------------------------------------------------------------------------------
+
+_FRAMEPACK_HISTORY = (1, 2, 16)  # history_sizes: clean 1x, 2x and 4x frames
+
+
+def _framepack_build():
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    return _build(
+        HunyuanVideoFramepackTransformer3DModel,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=2,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=TEXT_DIM,
+        pooled_projection_dim=POOLED_DIM,
+        rope_axes_dim=(4, 6, 6),  # sums to HEAD_DIM
+        has_image_proj=True,
+        image_proj_dim=_SIGLIP_DIM,
+        has_clean_x_embedder=True,
+    )
+
+
+def _framepack_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    grid = (2 * s.height, 2 * s.width)
+    window = s.frames  # latent_window_size
+    indices = torch.arange(1 + window + sum(_FRAMEPACK_HISTORY))
+    prefix, latent, history_1x, history_2x, history_4x = indices.split([1, window, *_FRAMEPACK_HISTORY])
+    # history_latents start as zeros; the clean latents are the first image's and the 1x history.
+    history = torch.zeros(batch, LATENT_CHANNELS, sum(_FRAMEPACK_HISTORY), *grid)
+    clean_1x, clean_2x, clean_4x = history.split(list(_FRAMEPACK_HISTORY), dim=2)
+    image_latents = _randn(g, batch, LATENT_CHANNELS, 1, *grid)
+    return dict(
+        hidden_states=_randn(g, batch, LATENT_CHANNELS, window, *grid),
+        timestep=_timestep(g, batch),
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        encoder_attention_mask=_text_mask(batch, s.text, torch.long),
+        pooled_projections=_randn(g, batch, POOLED_DIM),
+        image_embeds=_randn(g, batch, _SIGLIP_TOKENS, _SIGLIP_DIM),
+        indices_latents=latent,
+        guidance=torch.tensor([10.0] * batch) * 1000.0,
+        latents_clean=torch.cat([image_latents, clean_1x], dim=2),
+        indices_latents_clean=torch.cat([prefix, history_1x]),
+        latents_history_2x=clean_2x,
+        indices_latents_history_2x=history_2x,
+        latents_history_4x=clean_4x,
+        indices_latents_history_4x=history_4x,
+        attention_kwargs=None,
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# LTX-2: LTX2Pipeline.__call__ (audio and video in one model: packed video latents [B, F*H*W, C] and packed audio
+# latents [B, L, C*mel]; each stream has self-attention, cross-attention to its connector's text embeddings (one
+# mask for both), and cross-attention to the other stream; coordinates for both rotary tables from the model's
+# own rope modules, as the pipeline computes them)
+# ---------------------------------------------------------------------------------------------
+
+_LTX2_AUDIO_CHANNELS, _LTX2_MEL_BINS = 2, 4  # audio VAE latent channels, latent mel bins (8 and 16 in the real model)
+_LTX2_AUDIO_HEAD_DIM = 8
+
+
+def _ltx2_build():
+    from diffusers import LTX2VideoTransformer3DModel
+
+    return _build(
+        LTX2VideoTransformer3DModel,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        cross_attention_dim=INNER_DIM,
+        audio_in_channels=_LTX2_AUDIO_CHANNELS * _LTX2_MEL_BINS,
+        audio_out_channels=_LTX2_AUDIO_CHANNELS * _LTX2_MEL_BINS,
+        audio_num_attention_heads=HEADS,
+        audio_attention_head_dim=_LTX2_AUDIO_HEAD_DIM,
+        audio_cross_attention_dim=HEADS * _LTX2_AUDIO_HEAD_DIM,
+        num_layers=1,
+        caption_channels=TEXT_DIM,
+    )
+
+
+def _ltx2_inputs(seed=0, size="default", batch=1):
+    from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoRotaryPosEmbed
+
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    latents = _randn(g, batch, LATENT_CHANNELS, s.frames, s.height, s.width)
+    frame_rate = 24.0
+    # audio_num_frames = round(duration * sampling rate / hop length / temporal compression), the pipeline's defaults
+    audio_frames = round(((s.frames - 1) * 8 + 1) / frame_rate * 16000 / 160 / 4)
+    audio = _randn(g, batch, _LTX2_AUDIO_CHANNELS, audio_frames, _LTX2_MEL_BINS)
+    # The model's rope modules, as built from its config: the pipeline calls their prepare_*_coords.
+    rope = LTX2AudioVideoRotaryPosEmbed(dim=INNER_DIM, modality="video", num_attention_heads=HEADS)
+    audio_rope = LTX2AudioVideoRotaryPosEmbed(dim=HEADS * _LTX2_AUDIO_HEAD_DIM, scale_factors=[4], modality="audio",
+                                              num_attention_heads=HEADS)
+    return dict(
+        hidden_states=latents.permute(0, 2, 3, 4, 1).flatten(1, 3),  # _pack_latents, patch size 1
+        audio_hidden_states=audio.transpose(1, 2).flatten(2, 3),  # _pack_audio_latents: [B, L, C * M]
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        audio_encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        timestep=_timestep(g, batch),
+        sigma=_timestep(g, batch) / 1000,
+        encoder_attention_mask=_text_mask(batch, s.text, torch.long),
+        audio_encoder_attention_mask=_text_mask(batch, s.text, torch.long),
+        num_frames=s.frames,
+        height=s.height,
+        width=s.width,
+        fps=frame_rate,
+        audio_num_frames=audio_frames,
+        video_coords=rope.prepare_video_coords(batch, s.frames, s.height, s.width, "cpu", fps=frame_rate),
+        audio_coords=audio_rope.prepare_audio_coords(batch, audio_frames, "cpu"),
+        isolate_modalities=False,
+        spatio_temporal_guidance_blocks=None,
+        perturbation_mask=None,
+        use_cross_timestep=True,
+        attention_kwargs=None,
+        return_dict=False,
+    )
+
+
+def _both_streams(output) -> torch.Tensor:
+    """LTX-2 returns the video and the audio predictions: both, flattened into one tensor to compare."""
+    return torch.cat([output[0].flatten(), output[1].flatten()])
+
+
+# ---------------------------------------------------------------------------------------------
+# Krea 2: Krea2Pipeline.__call__ (a stack of tapped text-encoder hidden states per token, [B, L, layers, width],
+# fused by attention across the layers axis (per token) and then across the tokens; its mask; 2x2-packed latents;
+# timestep t / 1000; (0, row, col) position ids for the image after all-zero text ones)
+# ---------------------------------------------------------------------------------------------
+
+_KREA2_TEXT_LAYERS = 3  # tapped text-encoder layers (12 in the real model)
+
+
+def _krea2_build():
+    from diffusers import Krea2Transformer2DModel
+
+    return _build(
+        Krea2Transformer2DModel,
+        in_channels=LATENT_CHANNELS * 4,  # 2x2 packed latents
+        num_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,  # grouped-query attention, as in the real model
+        intermediate_size=2 * INNER_DIM,
+        timestep_embed_dim=32,
+        text_hidden_dim=TEXT_DIM,
+        num_text_layers=_KREA2_TEXT_LAYERS,
+        text_num_attention_heads=2,
+        text_num_key_value_heads=2,
+        text_intermediate_size=2 * TEXT_DIM,
+        num_layerwise_text_blocks=1,
+        num_refiner_text_blocks=1,
+        axes_dims_rope=(4, 6, 6),  # sums to HEAD_DIM
+    )
+
+
+def _krea2_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    latents = _randn(g, batch, LATENT_CHANNELS, 2 * s.height, 2 * s.width)
+    # Krea2Pipeline.prepare_position_ids: text tokens at the origin, image tokens at (0, row, col).
+    image_ids = torch.zeros(s.height, s.width, 3)
+    image_ids[..., 1] = torch.arange(s.height)[:, None]
+    image_ids[..., 2] = torch.arange(s.width)[None, :]
+    return dict(
+        hidden_states=_pack_2x2(latents),
+        encoder_hidden_states=_randn(g, batch, s.text, _KREA2_TEXT_LAYERS, TEXT_DIM),
+        timestep=_timestep(g, batch) / 1000,
+        position_ids=torch.cat([torch.zeros(s.text, 3), image_ids.reshape(-1, 3)]),
+        encoder_attention_mask=_text_mask(batch, s.text, torch.bool),
+        attention_kwargs=None,
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# ERNIE-Image: ErnieImagePipeline.__call__ (classifier-free guidance in one batch of 2: the negative then the
+# positive prompt's hidden states, zero-padded to the longer with their lengths; float timesteps). The model runs
+# sequence-first ([S, B, C]): image then text tokens.
+# ---------------------------------------------------------------------------------------------
+
+
+def _ernie_image_build():
+    from diffusers import ErnieImageTransformer2DModel
+
+    return _build(
+        ErnieImageTransformer2DModel,
+        hidden_size=INNER_DIM,
+        num_attention_heads=HEADS,
+        num_layers=1,
+        ffn_hidden_size=2 * INNER_DIM,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        patch_size=1,
+        text_in_dim=TEXT_DIM,
+        rope_axes_dim=(4, 6, 6),  # sums to HEAD_DIM
+    )
+
+
+def _ernie_image_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    rows = 2 * batch  # negative and positive prompts
+    lengths = _text_mask(rows, s.text, torch.long).sum(dim=1)
+    text = _randn(g, rows, s.text, TEXT_DIM) * _text_mask(rows, s.text, torch.float32)[..., None]  # _pad_text
+    latents = _randn(g, batch, LATENT_CHANNELS, s.height, s.width)
+    return dict(
+        hidden_states=torch.cat([latents, latents]),
+        timestep=_timestep(g, rows),
+        text_bth=text[:, : int(lengths.max())],
+        text_lens=lengths,
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# PRX: PRXPipeline.__call__ (classifier-free guidance in one batch of 2: the negative then the positive prompt's
+# T5Gemma hidden states with their boolean tokenizer masks; timestep t / 1000 repeated per row)
+# ---------------------------------------------------------------------------------------------
+
+
+def _prx_build():
+    from diffusers import PRXTransformer2DModel
+
+    return _build(
+        PRXTransformer2DModel,
+        in_channels=LATENT_CHANNELS,
+        patch_size=2,
+        context_in_dim=TEXT_DIM,
+        hidden_size=INNER_DIM,
+        mlp_ratio=2.0,
+        num_heads=HEADS,
+        depth=1,
+        axes_dim=[8, 8],  # sums to HEAD_DIM
+    )
+
+
+def _prx_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    rows = 2 * batch  # negative and positive prompts
+    latents = _randn(g, batch, LATENT_CHANNELS, 2 * s.height, 2 * s.width)
+    return dict(
+        hidden_states=torch.cat([latents, latents]),
+        timestep=(_timestep(g, 1) / 1000).repeat(rows),
+        encoder_hidden_states=_randn(g, rows, s.text, TEXT_DIM),
+        attention_mask=_text_mask(rows, s.text, torch.bool),
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# FLUX.3: no pipeline in diffusers 0.42.1; called as its forward documents it (FLUX.2's token layout: image
+# tokens one per latent pixel with (t, h, w, l) ids shared over the batch, text ids (0, 0, 0, i); per-token
+# modulation, the text at timestep 0)
+# ---------------------------------------------------------------------------------------------
+
+
+def _flux3_build():
+    from diffusers import Flux3Transformer2DModel
+
+    return _build(
+        Flux3Transformer2DModel,
+        in_channels=LATENT_CHANNELS * 4,
+        cond_in_channels=LATENT_CHANNELS * 4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=TEXT_DIM,
+        timestep_channels=32,
+        mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4),  # sums to HEAD_DIM
+    )
+
+
+def _flux3_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    one = torch.arange(1)
+    return dict(
+        hidden_states=_randn(g, batch, s.height * s.width, LATENT_CHANNELS * 4),
+        encoder_hidden_states=_randn(g, batch, s.text, TEXT_DIM),
+        timestep=_timestep(g, batch) / 1000,
+        img_ids=torch.cartesian_prod(one, torch.arange(s.height), torch.arange(s.width), one),
+        txt_ids=torch.cartesian_prod(one, one, one, torch.arange(s.text)),
+        attention_kwargs=None,
+        return_dict=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Bria FIBO: BriaFiboPipeline.__call__ (classifier-free guidance in one batch of 2; the text encoder's last two
+# hidden states concatenated, plus one of its layers per transformer block, projected and mixed into the block's
+# text stream; the text + image mask as a key mask through joint_attention_kwargs when some text is padded; zero
+# text ids, (0, row, col) image ids)
+# ---------------------------------------------------------------------------------------------
+
+_FIBO_TEXT_ENCODER_DIM = 16  # the text encoder's width (2048 in the real model); prompt embeds are twice it
+
+
+def _bria_fibo_build():
+    from diffusers import BriaFiboTransformer2DModel
+
+    return _build(
+        BriaFiboTransformer2DModel,
+        patch_size=1,
+        in_channels=LATENT_CHANNELS * 4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=2 * _FIBO_TEXT_ENCODER_DIM,
+        axes_dims_rope=[4, 6, 6],  # sums to HEAD_DIM
+        text_encoder_dim=_FIBO_TEXT_ENCODER_DIM,
+    )
+
+
+def _bria_fibo_inputs(seed=0, size="default", batch=1):
+    g, s = torch.Generator().manual_seed(seed), _size(size)
+    rows = 2 * batch  # negative and positive prompts
+    text_mask = _text_mask(rows, s.text, torch.float32)  # pad_embedding: zero embeddings past each prompt
+    layers = [_randn(g, rows, s.text, _FIBO_TEXT_ENCODER_DIM) * text_mask[..., None] for _ in range(2)]
+    latents = _randn(g, batch, s.height * s.width, LATENT_CHANNELS * 4)
+    img_ids = torch.zeros(s.height, s.width, 3)
+    img_ids[..., 1] = torch.arange(s.height)[:, None]
+    img_ids[..., 2] = torch.arange(s.width)[None, :]
+    mask = torch.cat([text_mask, torch.ones(rows, s.height * s.width)], dim=1).bool()
+    return dict(
+        hidden_states=torch.cat([latents, latents]),
+        timestep=_timestep(g, 1).expand(rows),
+        encoder_hidden_states=torch.cat(layers[::-1], dim=-1),  # hidden_states[-1], hidden_states[-2]
+        text_encoder_layers=layers,  # one per block (two blocks), the last layers of the encoder
+        joint_attention_kwargs={"attention_mask": mask[:, None, None, :]},
+        return_dict=False,
+        txt_ids=torch.zeros(s.text, 3),
+        img_ids=img_ids.reshape(-1, 3),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
 
 
-def _case(name, build, make_inputs) -> TinyCase:
-    return TinyCase(name=name, build=build, make_inputs=make_inputs, output=_first, heads=HEADS)
+def _case(name, build, make_inputs, output=_first) -> TinyCase:
+    return TinyCase(name=name, build=build, make_inputs=make_inputs, output=output, heads=HEADS)
 
 
 CASES: dict[str, TinyCase] = {
@@ -932,5 +1977,30 @@ CASES: dict[str, TinyCase] = {
         _case("consisid", _consisid_build, _consisid_inputs),
         _case("latte", _latte_build, _latte_inputs),
         _case("hunyuan_image", _hunyuan_image_build, _hunyuan_image_inputs),
+        _case("chroma", _chroma_build, _chroma_inputs),
+        _case("cogview4", _cogview4_build, _cogview4_inputs),
+        _case("cogview3plus", _cogview3plus_build, _cogview3plus_inputs),
+        _case("auraflow", _auraflow_build, _auraflow_inputs),
+        _case("allegro", _allegro_build, _allegro_inputs),
+        _case("cosmos", _cosmos_build, _cosmos_inputs),
+        _case("skyreels_v2", _skyreels_v2_build, _wan_t2v_inputs),
+        _case("wan_vace", _wan_vace_build, _wan_vace_inputs),
+        _case("hunyuan_video15", _hunyuan_video15_build, _hunyuan_video15_inputs),
+        _case("z_image", _z_image_build, _z_image_inputs, output=_stacked_first),
+        _case("dit", _dit_build, _dit_inputs),
+        _case("easyanimate", _easyanimate_build, _easyanimate_inputs),
+        _case("bria", _bria_build, _bria_inputs),
+        _case("longcat_image", _longcat_image_build, _longcat_image_inputs),
+        _case("ovis_image", _ovis_image_build, _ovis_image_inputs),
+        _case("chronoedit", _chronoedit_build, _wan_i2v_inputs),
+        _case("kandinsky5", _kandinsky5_build, _kandinsky5_inputs),
+        _case("omnigen", _omnigen_build, _omnigen_inputs),
+        _case("framepack", _framepack_build, _framepack_inputs),
+        _case("ltx2", _ltx2_build, _ltx2_inputs, output=_both_streams),
+        _case("krea2", _krea2_build, _krea2_inputs),
+        _case("ernie_image", _ernie_image_build, _ernie_image_inputs),
+        _case("prx", _prx_build, _prx_inputs),
+        _case("flux3", _flux3_build, _flux3_inputs),
+        _case("bria_fibo", _bria_fibo_build, _bria_fibo_inputs),
     ]
 }

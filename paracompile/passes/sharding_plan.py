@@ -9,8 +9,10 @@ applies the plan in one rewrite: it cuts the plan's sources with the plan's segm
 How the plan settles segments: a source is cut with one segment by default. When a later op needs that
 value split the way a concatenation split its other operand (the rotary table times the joint text and
 image queries), planning that layout would re-split it, which is a gather. The planner then cuts the
-source with the segments its users need and plans again, until no source would be re-cut (at most
-`rounds` plans; a plan is a walk over layouts, cheap next to a rewrite).
+source with the segments its users need (found back through ops that keep the split, and through
+concatenations along the token axis, each operand taking the run of segments over its own tokens) and plans
+again, until no source would be re-cut (at most `rounds` plans; a plan is a walk over layouts, cheap next to
+a rewrite).
 
 The layouts follow the rewrite's own decisions: the same rule with the same conversion costs, the same
 attention strategy, the same treatment of in-place writes. tests/test_plans.py checks that the rewrite
@@ -26,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from paracompile.explain import describe_node
-from paracompile.passes.sharding_rules import ANY, OpView, is_size_query, is_tensor_node, rule_for
+from paracompile.passes.sharding_rules import ANY, OpView, is_size_query, is_tensor_node, normalize_dim, rule_for
 from paracompile.passes.token_layout import TokenLayout, same_size
 
 aten = torch.ops.aten
@@ -492,7 +494,7 @@ class Aliases:
         """Ops whose output is a view of (or the same storage as) their first input join its alias root. The
         output is a true view when the input is one, the op read the input's own representation
         (`read_own(input)`), and the op is a view wherever it runs (not `reshape` or `contiguous`, which copy
-        or not by layout)."""
+        or not by layout; a `.to` that changes nothing returns its input itself)."""
         if node.target is operator.getitem:
             parent = node.args[0]
             if parent in self.root:
@@ -508,7 +510,8 @@ class Aliases:
             return
         parent = inputs[0]
         true = (self.is_true_view(parent) and read_own(parent)
-                and (target.overloadpacket in DEFINITE_VIEWS or bool(written_arguments(node))))
+                and (target.overloadpacket in DEFINITE_VIEWS or bool(written_arguments(node))
+                     or returns_its_input(node, parent)))
         self._join(node, parent, true)
 
     def _join(self, node: fx.Node, parent: fx.Node, true: bool) -> None:
@@ -523,27 +526,74 @@ class Aliases:
 def better_source_segments(resplits, layout_of, cut_sources: set, segments: dict) -> dict[fx.Node, tuple]:
     """For each re-split: the cut source whose cut, made with the needed segments instead, would have made
     the re-split unnecessary. A source qualifies when the re-split value descends from it through ops that
-    kept the segments unchanged. Returns `segments` with those added (a source already there keeps its)."""
+    kept the segments unchanged, or through concatenations along the token axis, whose operands each need
+    the run of the needed segments that covers their own tokens (Z-Image's rotary table: its image part,
+    one segment, meets image tokens that are real and padding ones, two). Returns `segments` with those
+    added (a source already there keeps its)."""
     better = dict(segments)
     for node, needed in resplits:
         have = layout_of(node)
         if have is None or not same_size(have.length, needed.length):
             continue
-        frontier, seen = [node], set()
+        frontier, seen = [(node, have, tuple(needed.segments))], set()
         while frontier:
-            current = frontier.pop()
+            current, current_have, wanted = frontier.pop()
             if current in seen:
                 continue
             seen.add(current)
             if current in cut_sources:
                 if current not in better:
-                    better[current] = needed.segments
+                    better[current] = wanted
                 continue
-            for producer in tensor_inputs(current):
-                layout = layout_of(producer)
-                if layout is not None and layout.same_split(have):
-                    frontier.append(producer)
+            frontier.extend(_producers_needing(current, current_have, wanted, layout_of))
     return better
+
+
+def _producers_needing(node: fx.Node, have: TokenLayout, wanted: tuple, layout_of) -> list[tuple]:
+    """(producer, its layout, the segments it would need) for the producers of `node` that carry its split:
+    the same split, or, for a concatenation along the token axis, each sharded operand's run of `wanted`.
+    A `getitem` of a list-valued op (a split) looks through to that op's inputs."""
+    source = node
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and not is_tensor_node(node.args[0]):
+        source = node.args[0]
+    found = []
+    for producer in tensor_inputs(source):
+        layout = layout_of(producer)
+        if layout is not None and layout.same_split(have):
+            found.append((producer, layout, wanted))
+    if found or source.target not in CONCATENATIONS or not source.args:
+        return found
+    shape = source.meta["val"].shape
+    if normalize_dim(source.args[1] if len(source.args) > 1 else source.kwargs.get("dim", 0), len(shape)) != have.dim:
+        return found
+    first = 0
+    for operand in source.args[0]:
+        if not is_tensor_node(operand) or operand.meta["val"].dim() != len(shape):
+            continue  # a legacy empty 1-D tensor, which cat skips
+        layout = layout_of(operand)
+        count = len(layout.segments) if layout is not None and layout.dim == have.dim else 1
+        run = _run_of(wanted, sum(have.segments[:first], 0), sum(have.segments[first:first + count], 0))
+        if run is not None and layout is not None and layout.dim == have.dim:
+            found.append((operand, layout, run))
+        first += count
+    return found
+
+
+def _run_of(segments: tuple, start, end) -> Optional[tuple]:
+    """The segments that exactly cover tokens [start, end), or None when no segment boundaries fall there."""
+    position, run, inside = 0, [], same_size(start, 0)
+    for segment in segments:
+        if not inside and same_size(position, start):
+            inside = True
+        if inside:
+            run.append(segment)
+        position = position + segment
+        if inside and same_size(position, end):
+            return tuple(run)
+    return None
+
+
+CONCATENATIONS = {aten.cat.default}
 
 
 # Ops whose result is a view of their input wherever they run, on a full tensor or a shard (the rules
@@ -554,6 +604,20 @@ DEFINITE_VIEWS = {
     aten.view_as_real, aten.view_as_complex, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind,
     aten.tensor_split, aten.swapaxes, aten.swapdims, aten.as_strided, aten.unflatten,
 }
+
+
+def returns_its_input(node: fx.Node, parent: fx.Node) -> bool:
+    """Whether `node` is a conversion (`aten.to`) that changes nothing and so returns its input itself, on a
+    full tensor or a shard alike (CogView4's `norm_q(query).to(query.dtype)` before its in-place rotary write
+    into a slice of the result): dtype and device kept, no copy asked for, no memory format forced."""
+    if node.target.overloadpacket is not aten.to:
+        return False
+    result, source = node.meta.get("val"), parent.meta.get("val")
+    if not isinstance(result, torch.Tensor) or not isinstance(source, torch.Tensor):
+        return False
+    arguments = OpView(node, lambda _: None).args
+    return (result.dtype == source.dtype and result.device == source.device and not arguments.get("copy")
+            and arguments.get("memory_format") in (None, torch.preserve_format))
 
 
 def written_arguments(node: fx.Node) -> list[str]:

@@ -878,6 +878,24 @@ def stack(view: OpView) -> Optional[Sharding]:
     return Sharding(reference.at_dim(out_dim), {"tensors": [reference] * len(layouts)})
 
 
+@rule(aten.pad_sequence, declines_when="its sequences differ in length along the token axis, or are split unlike")
+def pad_sequence(view: OpView) -> Optional[Sharding]:
+    """Stacks the sequences into a new batch dim (0 with batch_first, else 1), padding their first dims to the
+    longest. Padding never touches a token axis that the sequences share at the same length, so it follows the
+    token axis like `stack` when every sequence is split alike and, where the token axis is the padded dim,
+    they all have the same length (Z-Image stacks each sample's caption and image tokens this way)."""
+    sequences = view["sequences"]
+    layouts = _list_layouts(view, "sequences")
+    reference = next((layout for layout in layouts if layout is not None), None)
+    if reference is None or any(layout is not None and layout != reference for layout in layouts):
+        return None
+    shapes = [view.shape(sequence) for sequence in sequences]
+    if reference.dim == 0 and not all(same_size(shape[0], reference.length) for shape in shapes):
+        return None
+    out_dim = reference.dim + 1 if reference.dim > 0 or view["batch_first"] else 0
+    return Sharding(reference.at_dim(out_dim), {"sequences": [reference] * len(layouts)})
+
+
 # ----------------------------------------------------------------------------------------------------
 # Facts beyond the rules
 
