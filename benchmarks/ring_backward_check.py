@@ -22,7 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.test_ring_kernels import CASES, _ring_case  # noqa: E402
 
 # case, kernel, dtype: flash only without a mask (it takes none); the others with and without.
-RUNS = [("even", "flash", torch.bfloat16), ("even", "efficient", torch.bfloat16),
+CASES = dict(CASES, one_rank=([8], "own", None), one_rank_long=([300], "own", None))
+RUNS = [("one_rank", "flash", torch.bfloat16), ("one_rank_long", "cudnn", torch.bfloat16),
+        ("one_rank_long", "efficient", torch.float16), ("one_rank", "math", torch.float32),
+        ("even", "flash", torch.bfloat16), ("even", "efficient", torch.bfloat16),
         ("uneven_masked", "efficient", torch.bfloat16), ("empty_block_masked", "efficient", torch.float32),
         ("causal_uneven", "efficient", torch.bfloat16), ("uneven_masked", "cudnn", torch.bfloat16),
         ("learned_bias", "math", torch.float32), ("queries_split_otherwise", "math", torch.float32)]
@@ -50,7 +53,7 @@ def main() -> None:
                 torch.count_nonzero(r[p]).item() == 0 for r in results
                 for p in ("query_padding", "key_padding", "value_padding"))
         except Exception as error:  # recorded, and the next case runs
-            row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            row["error"] = f"{type(error).__name__}: {str(error)[:600]}"
         finally:
             patch.undo()
         rows.append(row)

@@ -85,8 +85,17 @@ def choose_kernel(query_value: torch.Tensor, scale, has_mask: bool, ulysses_size
 
 
 def backward_kernel(kernel: str) -> str:
-    """The kernel the op's backward uses after forward ran `kernel` (README, Training)."""
-    return kernel if kernel in ("cpu_flash", "flash") else "math"
+    """The kernel the op's backward uses after forward ran `kernel` (README, Training). On CUDA, flash
+    attention's backward for every fused forward kernel: it needs only the output and the fp32 LSE, which the
+    op keeps whatever kernel made them (block_backward still takes the fp32 path for a mask, fp32 inputs or
+    head sizes flash does not take)."""
+    if kernel == "cpu_flash":
+        return kernel
+    return "flash" if kernel in ("flash", "efficient", "cudnn") else "math"
+
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_HEAD_SIZE = 256  # the largest head size flash attention's CUDA kernels take
 
 
 def _hint(size) -> int:
@@ -211,7 +220,8 @@ def block_backward(kernel: str, grad, query, key, value, out, lse, delta, mask, 
         grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, query, key, value, out, lse, 0.0, False, attn_mask=mask, scale=scale)
         return (*(g.float() for g in grads), None)
-    if kernel == "flash" and not mask_grad:
+    if kernel == "flash" and not mask_grad and mask is None and query.dtype in FLASH_DTYPES \
+            and query.shape[-1] <= FLASH_HEAD_SIZE and value.shape[-1] == query.shape[-1]:
         # No dropout: the generator state the kernel takes (shaped as forward returns it) is never read.
         seed = torch.zeros(2, dtype=torch.uint64, device=query.device)
         offset = torch.zeros((), dtype=torch.uint64, device=query.device)
