@@ -78,6 +78,7 @@ def _ring_case(lengths, queries, mask_kind, kernel, dtype, monkeypatch):
     def rank_main(rank):
         try:
             torch.set_num_threads(1)
+            torch.set_default_device(q.device)  # per thread: benchmarks/ring_backward_check.py runs this on CUDA
             # The rank's queries are its own tokens (one padding row where it has none), its block padded to
             # the longest: as ring_attention.py builds them in the graph.
             own = slice(starts[rank], starts[rank] + lengths[rank])
