@@ -30,6 +30,7 @@ os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 import traceback
 from typing import Any, Optional
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -206,3 +207,18 @@ def run_compiled_vs_eager(model, call_inputs: dict, options: dict, output_of=lam
 
 def without_callables(result: dict) -> dict:
     return {key: value for key, value in result.items() if key != "compiled"}
+
+
+@pytest.fixture(scope="module")
+def fake_rank0():
+    """This process as rank 0 of a fake 2-rank world (torch's fake process group: collectives keep their shapes
+    and move no data), for plans and rewritten graphs in one process."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    yield
+    dist.destroy_process_group()
+    torch._dynamo.reset()

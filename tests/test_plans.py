@@ -11,7 +11,6 @@ from typing import Optional
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import paracompile.backend as backend
 from paracompile.passes import sharding_rules
@@ -80,18 +79,6 @@ PLANS = {
 NO_EXCHANGE = ("local (keys/values replicated", "local (split along dim", "replicated (no input is token-sharded)")
 # Dynamo settings a model is compiled with: Mochi's per-sample `nonzero` stays in its graph with this one.
 DYNAMO_CONFIG = {"mochi": {"capture_dynamic_output_shape_ops": True}}
-
-
-@pytest.fixture(scope="module")
-def fake_rank0():
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    yield
-    dist.destroy_process_group()
-    torch._dynamo.reset()
 
 
 def _model(name):

@@ -12,7 +12,6 @@ import paracompile.backend as backend
 from paracompile.passes.out_of_place import writes_out_of_place
 from tests import tiny_models
 from tests.multiprocess import run_on_ranks
-from tests.test_plans import fake_rank0  # noqa: F401 (a fixture)
 
 aten = torch.ops.aten
 

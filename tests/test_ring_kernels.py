@@ -167,19 +167,6 @@ def test_ring_attention_op_in_bf16_stays_close_to_fp32_eager(monkeypatch):
             assert (got - want).abs().max() <= 0.05 * max(1.0, want.abs().max().item()), what
 
 
-@pytest.fixture
-def fake_rank0():
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    yield
-    dist.destroy_process_group()
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("grad_mode", [True, False])
 def test_a_training_graph_runs_the_ring_in_the_op_and_an_inference_graph_inline(fake_rank0, grad_mode):
     """Rank 0 of a fake 2-rank world (collectives move nothing: the plan and the graph are checked, the
