@@ -62,20 +62,43 @@ for a dead peer cannot hang the test run. The whole call is bounded by
 A rank that sent its result and then died on the way out (an abort at
 interpreter exit) goes unnoticed by default; with ``check_exit_codes=True`` every
 rank must also exit with status 0, or ``RankFailure`` names its exit code.
+
+Worlds are reused
+-----------------
+Starting a rank (a fresh interpreter importing torch and diffusers, then joining
+the group) takes 8-13 seconds on the 2-core CI machine, and the suite runs about
+forty worlds. So by default the ranks of a world stay alive after a call and the
+next call of the same world size runs in them: the processes, the imports and the
+gloo group are reused; nothing else is. Before every call each rank resets
+Dynamo (``torch._dynamo.reset()``), re-seeds with ``torch.manual_seed(0)`` and
+empties paracompile's registry of reports; after it, the rank puts back the
+environment variables, grad mode, default dtype, warning filters, root logging
+handlers and standard streams the call may have changed. A world whose call
+failed or timed out, or that destroyed its process group, is stopped (a peer may
+be stuck in a collective) and the next call starts a new one; so is a world whose
+ranks grew past ``_RECYCLE_BYTES`` of memory. ``fresh=True`` (implied by
+``check_exit_codes``) runs in new processes that exit afterwards: for what must
+start from a new interpreter, such as a cache directory read at the first
+compile, or how a process exits. Setting ``PARACOMPILE_TEST_FRESH_WORLDS=1``
+makes every call fresh, to rule the reuse out when a test fails.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
+import logging
 import os
 import pickle
 import socket
 import sys
 import time
 import traceback
+import warnings
 from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -93,6 +116,18 @@ EXIT_GRACE_SECONDS = 30.0
 # containers can resolve to an address that is not reachable; pin loopback.
 _LOOPBACK_INTERFACE = "lo0" if sys.platform == "darwin" else "lo"
 
+# A reused world's ranks retire (send their last result, then exit) once one of
+# them holds more than this much resident memory: compiled models leave
+# allocator fragments behind, and the CI machine's memory is shared by all ranks.
+_RECYCLE_BYTES = 3 << 30
+
+# A reused world's gloo timeout: the parent bounds each call by its own timeout
+# and stops the world when a call runs over, so this only has to be long.
+_REUSED_GROUP_TIMEOUT = 3600
+
+# What the parent sends a reused rank to make it leave its loop and exit.
+_STOP = b"stop"
+
 # How many times to retry with a new port when another process took the free
 # port between choosing it and binding it.
 _PORT_ATTEMPTS = 3
@@ -108,6 +143,7 @@ def run_on_ranks(
     *args: Any,
     timeout: float = 300,
     check_exit_codes: bool = False,
+    fresh: bool = False,
     **kwargs: Any,
 ) -> list[Any]:
     """Call ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks.
@@ -115,12 +151,17 @@ def run_on_ranks(
     Returns the ranks' return values in rank order. Raises ``RankFailure`` with
     the rank number and the remote traceback if any rank fails, or if the ranks
     do not all finish within ``timeout`` seconds; with ``check_exit_codes``, also
-    when a rank that sent its result exits with another status than 0.
+    when a rank that sent its result exits with another status than 0. The call
+    runs in the ranks of the last world of this size unless ``fresh`` (see
+    "Worlds are reused" above).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
+    reuse = not (fresh or check_exit_codes or os.environ.get("PARACOMPILE_TEST_FRESH_WORLDS") == "1")
     for attempt in range(_PORT_ATTEMPTS):
         try:
+            if reuse:
+                return _reused_world(world_size).call(fn, args, kwargs, timeout)
             return _launch(fn, world_size, args, kwargs, timeout, check_exit_codes)
         except RankFailure as failure:
             port_was_taken = "address already in use" in str(failure).lower()
@@ -158,16 +199,7 @@ def _launch(fn, world_size, args, kwargs, timeout, check_exit_codes=False) -> li
             receiver.close()
 
     if failures:
-        # Failures are listed in the order they arrived: the first one is
-        # usually the cause, later ones often just peers losing their connection.
-        first_rank = next(iter(failures))
-        timed_out = failures[first_rank].startswith("did not finish")
-        report = "\n\n".join(
-            f"rank {rank} of {world_size} failed"
-            f"{' first' if rank == first_rank and not timed_out else ''}:\n{text}"
-            for rank, text in failures.items()
-        )
-        raise RankFailure(f"run_on_ranks({getattr(fn, '__qualname__', fn)!r}) failed\n\n{report}")
+        raise _failure(fn, world_size, failures)
     exits = {rank: process.exitcode for rank, process in enumerate(processes) if process.exitcode != 0}
     if check_exit_codes and exits:
         raise RankFailure(f"run_on_ranks({getattr(fn, '__qualname__', fn)!r}): every rank sent its result, but "
@@ -176,10 +208,25 @@ def _launch(fn, world_size, args, kwargs, timeout, check_exit_codes=False) -> li
     return [results[rank] for rank in range(world_size)]
 
 
-def _collect(receivers: dict[Connection, int], processes, timeout: float, reported_ranks: set[int]):
+def _failure(fn, world_size: int, failures: dict[int, str]) -> RankFailure:
+    # Failures are listed in the order they arrived: the first one is usually
+    # the cause, later ones often just peers losing their connection.
+    first_rank = next(iter(failures))
+    timed_out = failures[first_rank].startswith("did not finish")
+    report = "\n\n".join(
+        f"rank {rank} of {world_size} failed"
+        f"{' first' if rank == first_rank and not timed_out else ''}:\n{text}"
+        for rank, text in failures.items()
+    )
+    return RankFailure(f"run_on_ranks({getattr(fn, '__qualname__', fn)!r}) failed\n\n{report}")
+
+
+def _collect(receivers: dict[Connection, int], processes, timeout: float, reported_ranks: set[int],
+             retiring: Optional[set[int]] = None):
     """Wait for one message per rank; stop waiting soon after some rank has failed.
 
-    Adds every rank that sent a message (or exited) to ``reported_ranks``.
+    Adds every rank that sent a message (or exited) to ``reported_ranks``, and
+    every rank of a reused world that sent its last result to ``retiring``.
     """
     deadline = time.monotonic() + timeout
     results: dict[int, Any] = {}
@@ -202,8 +249,10 @@ def _collect(receivers: dict[Connection, int], processes, timeout: float, report
                     "without sending a result or a traceback (crashed or killed?)"
                 )
                 continue
-            if kind == "result":
+            if kind in ("result", "last result"):
                 results[rank] = pickle.loads(payload)
+                if kind == "last result" and retiring is not None:
+                    retiring.add(rank)
             else:
                 failures[rank] = payload
         if failures:
@@ -218,9 +267,9 @@ def _collect(receivers: dict[Connection, int], processes, timeout: float, report
     return results, failures
 
 
-def _stop(processes, reported_ranks: set[int]) -> None:
+def _stop(processes, reported_ranks: set[int], grace: float = EXIT_GRACE_SECONDS) -> None:
     """Let ranks that reported exit on their own; terminate, then kill, the rest."""
-    deadline = time.monotonic() + EXIT_GRACE_SECONDS
+    deadline = time.monotonic() + grace
     for rank in sorted(reported_ranks):
         processes[rank].join(timeout=max(0.0, deadline - time.monotonic()))
     for process in processes:
@@ -238,6 +287,73 @@ def _find_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+class _ReusedWorld:
+    """``world_size`` long-lived ranks in one gloo group, running one call at a time (see "Worlds are reused")."""
+
+    def __init__(self, world_size: int):
+        context = get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{_find_free_port()}"
+        self.world_size = world_size
+        self.processes = []
+        self.connections: list[Connection] = []
+        self.usable = True
+        for rank in range(world_size):
+            parent_end, child_end = context.Pipe(duplex=True)
+            process = context.Process(target=_reused_rank_main, args=(rank, world_size, init_method, child_end),
+                                      name=f"rank-{rank}", daemon=True)
+            process.start()
+            child_end.close()
+            self.processes.append(process)
+            self.connections.append(parent_end)
+
+    def call(self, fn, args, kwargs, timeout: float) -> list[Any]:
+        job = pickle.dumps((fn, args, kwargs))
+        try:
+            for connection in self.connections:
+                connection.send_bytes(job)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a rank that died is reported by _collect as exited without a result
+        reported: set[int] = set()
+        retiring: set[int] = set()
+        results, failures = _collect({c: rank for rank, c in enumerate(self.connections)}, self.processes,
+                                     timeout, reported, retiring)
+        if failures or retiring:
+            self.close()
+        if failures:
+            raise _failure(fn, self.world_size, failures)
+        return [results[rank] for rank in range(self.world_size)]
+
+    def close(self) -> None:
+        self.usable = False
+        for connection in self.connections:
+            try:
+                connection.send_bytes(_STOP)
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                pass
+        _stop(self.processes, set(range(self.world_size)), grace=5.0)
+        for connection in self.connections:
+            connection.close()
+
+
+_reused_worlds: dict[int, _ReusedWorld] = {}
+
+
+def _reused_world(world_size: int) -> _ReusedWorld:
+    world = _reused_worlds.get(world_size)
+    if world is None or not world.usable or not all(process.is_alive() for process in world.processes):
+        if world is not None:
+            world.close()
+        world = _reused_worlds[world_size] = _ReusedWorld(world_size)
+    return world
+
+
+@atexit.register
+def _close_reused_worlds() -> None:
+    for world in _reused_worlds.values():
+        world.close()
+    _reused_worlds.clear()
 
 
 # ---------------------------------------------------------------------------
@@ -268,6 +384,102 @@ def _rank_main(fn, rank, world_size, init_method, timeout, sender, args, kwargs)
             pass
     if message[0] == "error":
         sys.exit(1)
+
+
+def _reused_rank_main(rank, world_size, init_method, connection) -> None:
+    """Entry point of one rank of a reused world: set up once, then run calls until told to stop."""
+    try:
+        _set_up_rank(rank, world_size, init_method, _REUSED_GROUP_TIMEOUT)
+    except BaseException:
+        text = traceback.format_exc()
+        print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
+        connection.send_bytes(pickle.dumps(("error", text)))
+        sys.exit(1)
+    world_group = dist.group.WORLD
+    failed = False
+    while not failed:
+        try:
+            job = connection.recv_bytes()
+        except EOFError:
+            break
+        if job == _STOP:
+            break
+        kind, payload = _run_call(rank, world_size, job)
+        failed = kind == "error"
+        group_kept = dist.is_initialized() and dist.group.WORLD is world_group
+        retire = failed or not group_kept or _resident_bytes() > _RECYCLE_BYTES
+        if retire and not failed:
+            kind = "last result"
+        connection.send_bytes(pickle.dumps((kind, payload)))
+        if retire:
+            break
+    connection.close()
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+    if failed:
+        sys.exit(1)
+
+
+def _run_call(rank, world_size, job: bytes) -> tuple[str, Any]:
+    """Run one call as a new rank would: Dynamo reset, seeded, with what it changes in the process put back."""
+    saved = _ProcessState()
+    try:
+        fn, args, kwargs = pickle.loads(job)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        backend = sys.modules.get("paracompile.backend")
+        if backend is not None:
+            backend.explanations.clear()
+            backend.rewritten_graphs.clear()
+        torch.manual_seed(0)
+        result = fn(rank, world_size, *args, **kwargs)
+        return "result", pickle.dumps(_detached(result))
+    except BaseException:
+        text = traceback.format_exc()
+        print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
+        return "error", text
+    finally:
+        saved.restore()
+        torch._dynamo.reset()
+        gc.collect()
+
+
+class _ProcessState:
+    """What a call may change in its process and a new rank would not see: saved, then put back."""
+
+    def __init__(self):
+        self.environ = dict(os.environ)
+        self.grad_enabled = torch.is_grad_enabled()
+        self.default_dtype = torch.get_default_dtype()
+        self.warning_filters = list(warnings.filters)
+        root = logging.getLogger()
+        self.root_handlers, self.root_level = list(root.handlers), root.level
+        self.streams = sys.stdout, sys.stderr
+
+    def restore(self) -> None:
+        if dict(os.environ) != self.environ:
+            os.environ.clear()
+            os.environ.update(self.environ)
+        torch.set_grad_enabled(self.grad_enabled)
+        torch.set_default_dtype(self.default_dtype)
+        warnings.filters[:] = self.warning_filters
+        getattr(warnings, "_filters_mutated", lambda: None)()  # the filters' caches see the change
+        root = logging.getLogger()
+        root.handlers[:] = self.root_handlers
+        root.setLevel(self.root_level)
+        sys.stdout, sys.stderr = self.streams
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory (Linux); 0 where /proc cannot tell, so the world is never recycled there."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _set_up_rank(rank, world_size, init_method, timeout) -> None:

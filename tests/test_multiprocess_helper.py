@@ -63,3 +63,41 @@ def test_crashed_rank_does_not_hang_the_others():
 
     assert "exited with code 7" in str(failure.value)
     assert time.monotonic() - started < 60
+
+
+def _change_the_process(rank, world_size):
+    """Leave behind what a test might: an environment variable, grad mode off, another default dtype."""
+    os.environ["PARACOMPILE_TEST_LEFTOVER"] = "1"
+    torch.set_grad_enabled(False)
+    torch.set_default_dtype(torch.float64)
+    return os.getpid()
+
+
+def _look_at_the_process(rank, world_size):
+    value = torch.tensor([1.0])
+    dist.all_reduce(value)  # the reused group still works
+    return dict(pid=os.getpid(), leftover=os.environ.get("PARACOMPILE_TEST_LEFTOVER"),
+                grad=torch.is_grad_enabled(), dtype=torch.get_default_dtype(), sum=value.item(),
+                random=torch.rand(2))
+
+
+def test_a_reused_world_runs_in_the_same_processes_and_puts_back_what_a_call_changed():
+    first = run_on_ranks(_change_the_process, 2)
+    second = run_on_ranks(_look_at_the_process, 2)
+    assert [result["pid"] for result in second] == first
+    for result in second:
+        assert result["leftover"] is None and result["grad"] and result["dtype"] == torch.float32
+        assert result["sum"] == 2.0
+    # Seeded before every call, as a new rank would be.
+    assert torch.equal(second[0]["random"], torch.manual_seed(0) and torch.rand(2))
+
+
+def test_a_world_whose_call_failed_is_replaced_and_fresh_runs_apart():
+    before = [result["pid"] for result in run_on_ranks(_look_at_the_process, 2)]
+    with pytest.raises(RankFailure):
+        run_on_ranks(_raise_on_rank_one, 2, "deliberate failure from the test")
+    after = [result["pid"] for result in run_on_ranks(_look_at_the_process, 2)]
+    fresh = [result["pid"] for result in run_on_ranks(_look_at_the_process, 2, fresh=True)]
+    again = [result["pid"] for result in run_on_ranks(_look_at_the_process, 2)]
+    assert not set(after) & set(before), "a world whose call failed is stopped; the next call gets new ranks"
+    assert not set(fresh) & set(after) and again == after
