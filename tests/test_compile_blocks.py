@@ -251,6 +251,7 @@ def _plain_symbols(value) -> set:
     return {size.node.expr for size in sizes if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol}
 
 
+@pytest.mark.slow  # 12-15 s of tracing: one process, but the fast tier's largest test
 def test_every_part_can_read_its_symbolic_sizes_off_its_tensor_inputs(monkeypatch):
     """With the token count symbolic (s0) and sharded, a block reads token shards of (s0 + 1) // 2 tokens and
     s0 itself as a SymInt: Inductor cannot invert the first and renames the second, and failed with

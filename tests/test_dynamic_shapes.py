@@ -1,5 +1,5 @@
 """Calls at several resolutions: recompiles (static, then Dynamo's automatic dynamic shapes) and
-`dynamic=True`, with the eager compiler on 2 and 4 ranks and with Inductor on 2 ranks.
+`dynamic=True`, with the eager compiler on 2 ranks (`dynamic=True` also on 4) and with Inductor on 2 ranks.
 
 Every call is compared with eager on the same inputs, and every compile's rewritten graph must still
 hold the Ulysses all-to-alls (symbolic token counts must not make paracompile fall back).
@@ -74,7 +74,8 @@ def _by_run(per_rank, runs):
 
 
 # 4 ranks on 2 cores compile at half speed: the masked sequence runs on 2 ranks only.
-EAGER_RUNS_BY_WORLD_SIZE = {2: list(EAGER_RUNS), 4: ["recompile", "dynamic_true"]}
+# On 4 ranks (half speed on 2 cores) the symbolic sizes only: a recompile at a new size is the 2-rank case again.
+EAGER_RUNS_BY_WORLD_SIZE = {2: list(EAGER_RUNS), 4: ["dynamic_true"]}
 WORLD_SIZES = tuple(EAGER_RUNS_BY_WORLD_SIZE)
 
 
@@ -132,17 +133,17 @@ def _assert_rewritten_with_ulysses(result, world_size):
         assert attention and not any("replicated" in line for line in attention), report
 
 
-# --- eager compiler, 2 and 4 ranks -------------------------------------------------------------
+# --- eager compiler, 2 and 4 ranks (4: dynamic=True only) -------------------------------------------------------------
 
 
-@_on()
+@_on([2])
 @pytest.mark.parametrize("index", range(3), ids=["default", "other", "third"])
 def test_recompile_matches_eager(eager_results, index):
     _, results = eager_results
     assert_ranks_match(_calls(results, "recompile", index), f"call {index}")
 
 
-@_on()
+@_on([2])
 def test_recompile_compiles_again_at_a_new_resolution(eager_results):
     world_size, results = eager_results
     first, second = _calls(results, "recompile", 0), _calls(results, "recompile", 1)

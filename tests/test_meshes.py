@@ -24,7 +24,6 @@ TOY_SCENARIOS = {
     "ring2": (2, {"ring": 2}, dict(), "ring over 2 ranks (cpu_flash kernel"),
     "ring2_uneven_masked": (2, {"ring": 2}, dict(UNEVEN, masked=True), "with mask, uneven blocks"),
     "ring4_uneven_masked": (4, {"ring": 4}, dict(UNEVEN, masked=True), "ring over 4 ranks"),
-    "ulysses2_ring2_uneven": (4, {"ulysses": 2, "ring": 2}, dict(UNEVEN), "ring over 2 ranks (ulysses 2 inside"),
     "ulysses2_ring2_masked": (4, {"ulysses": 2, "ring": 2}, dict(UNEVEN, masked=True), "ulysses 2 inside"),
     "batch2_ulysses2": (4, {"batch": 2, "ulysses": 2}, dict(UNEVEN, masked=True, batch=2), "ulysses over 2 ranks"),
     "batch2_ring2": (4, {"batch": 2, "ring": 2}, dict(UNEVEN, masked=True, batch=2), "ring over 2 ranks"),

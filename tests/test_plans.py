@@ -337,7 +337,7 @@ def _sharding_of(model, inputs, mesh: dict, dynamo_config: Optional[dict] = None
 
 
 @pytest.mark.parametrize("name, mesh", [(name, {"ulysses": 2}) for name in (
-    "toy", "flux", "sd3", "wan_t2v", "hunyuan_video", "qwen_image", "lumina2", "hidream", "consisid",
+    "toy", "flux", "sd3", "wan_t2v", "hunyuan_video", "qwen_image", "lumina2", "consisid",
     "hunyuan_image", "mochi", "omnigen")]
     + [(name, {"ring": 2}) for name in ("toy", "flux", "lumina2", "hidream", "latte")])
 def test_the_rewrite_does_what_its_plan_says(fake_rank0, name, mesh):

@@ -28,7 +28,7 @@ from tests.multiprocess import run_on_ranks
 pytestmark = [pytest.mark.slow,  # every test here spawns process groups
               pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc")]
 
-WORLDS = 4
+WORLDS = 2  # the thread check fails in every world without the release; the exit codes catch a rare abort
 # The threads of a gloo process group and of its TCP store.
 GROUP_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop", "pt_tcpstore_uv")
 
