@@ -5,7 +5,8 @@ through SDPA on the full tensors: the CUDA kernels' forward and backward paths, 
 
 Ranks are threads on one GPU and the op's transfer is a hand-over between them (tests/test_ring_kernels.py's
 harness); every case compares each rank's output and its query, key and value gradients with the same slices
-of eager's, as the largest absolute error relative to the largest expected value.
+of eager's, as the largest absolute error relative to the largest expected value, and names the backward
+paths its blocks took (ring_kernels.backward_path: flash, efficient with the mask as bias, or fp32 math).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import paracompile.ring_kernels as ring_kernels  # noqa: E402
 from tests.test_ring_kernels import CASES, _ring_case  # noqa: E402
 
 # case, kernel, dtype: flash only without a mask (it takes none); the others with and without.
@@ -28,7 +30,10 @@ RUNS = [("one_rank", "flash", torch.bfloat16), ("one_rank_long", "cudnn", torch.
         ("even", "flash", torch.bfloat16), ("even", "efficient", torch.bfloat16),
         ("uneven_masked", "efficient", torch.bfloat16), ("empty_block_masked", "efficient", torch.float32),
         ("causal_uneven", "efficient", torch.bfloat16), ("uneven_masked", "cudnn", torch.bfloat16),
-        ("learned_bias", "math", torch.float32), ("queries_split_otherwise", "math", torch.float32)]
+        ("learned_bias", "math", torch.float32), ("queries_split_otherwise", "math", torch.float32),
+        # the memory-efficient backward with the mask as its bias, and with the bias' gradient
+        ("uneven_masked", "efficient", torch.float16), ("causal_uneven", "cudnn", torch.float16),
+        ("learned_bias", "efficient", torch.bfloat16), ("learned_bias", "efficient", torch.float32)]
 
 
 def main() -> None:
@@ -42,6 +47,9 @@ def main() -> None:
     for name, kernel, dtype in runs:
         patch = pytest.MonkeyPatch()
         row = dict(case=name, kernel=kernel, dtype=str(dtype).split(".")[-1])
+        paths = []
+        chosen = ring_kernels.backward_path
+        patch.setattr(ring_kernels, "backward_path", lambda *a, **k: paths.append(chosen(*a, **k)) or paths[-1])
         try:
             results = _ring_case(*CASES[name], kernel, dtype, patch)
             for what in ("output", "query", "key", "value"):
@@ -49,6 +57,10 @@ def main() -> None:
                            / r[f"expected_{what}"].float().abs().max().clamp_min(1e-12)).item()
                           for r in results if r[what].numel()]
                 row[what] = max(errors)
+            if results[0].get("bias_sum") is not None:  # the ranks' partial bias gradients, summed
+                expected = results[0]["expected_bias_sum"].float()
+                row["bias"] = ((results[0]["bias_sum"].float() - expected).abs().max()
+                               / expected.abs().max().clamp_min(1e-12)).item()
             row["padding_gradients_zero"] = all(
                 torch.count_nonzero(r[p]).item() == 0 for r in results
                 for p in ("query_padding", "key_padding", "value_padding"))
@@ -56,6 +68,7 @@ def main() -> None:
             row["error"] = f"{type(error).__name__}: {str(error)[:600]}"
         finally:
             patch.undo()
+        row["backward_paths"] = sorted(set(paths))
         rows.append(row)
         print(row, flush=True)
     report = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch=torch.__version__, date=time.strftime("%Y-%m-%d"),

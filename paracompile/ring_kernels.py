@@ -23,8 +23,10 @@ The keys and values rotate as in forward; the fp32 accumulators of dK_j and dV_j
 adding its queries' share, and take one last hop home (ranks shifts), so every rank ends with its own
 block's gradients. Rows whose global LSE is -inf (they attend to nothing) get P = 0 through L = +inf.
 Kernels: on CPU `_scaled_dot_product_flash_attention_for_cpu_backward`, which takes the global O and L as
-they are (checked exact against autograd, masks included: tests/test_ring_kernels.py); on CUDA the flash
-backward where forward used the flash kernel (no mask, fp16/bf16); elsewhere an explicit fp32 computation.
+they are (checked exact against autograd, masks included: tests/test_ring_kernels.py); on CUDA after any fused
+forward kernel, flash attention's backward without a mask and the memory-efficient kernel's with one (the mask
+as its bias; benchmarks/ring_backward_check.py checks both against autograd on a GPU); elsewhere an explicit
+fp32 computation.
 Every rank issues the same collectives in the same order whatever its blocks hold (an empty block is
 skipped in compute, never in transfer), so no shape of the data can make the ranks disagree.
 """
@@ -85,10 +87,10 @@ def choose_kernel(query_value: torch.Tensor, scale, has_mask: bool, ulysses_size
 
 
 def backward_kernel(kernel: str) -> str:
-    """The kernel the op's backward uses after forward ran `kernel` (README, Training). On CUDA, flash
-    attention's backward for every fused forward kernel: it needs only the output and the fp32 LSE, which the
-    op keeps whatever kernel made them (block_backward still takes the fp32 path for a mask, fp32 inputs or
-    head sizes flash does not take)."""
+    """The kernel family the op's backward uses after forward ran `kernel` (README, Training). On CUDA, the
+    fused kernels' ("flash") after every fused forward kernel: they need only the output and the fp32 LSE,
+    which the op keeps whatever kernel made them; backward_path picks flash attention's or the
+    memory-efficient one per block, or the fp32 path where neither fits."""
     if kernel == "cpu_flash":
         return kernel
     return "flash" if kernel in ("flash", "efficient", "cudnn") else "math"
@@ -212,16 +214,69 @@ def _math_attention(ops, query, key, value, mask, scale):
 # One block's backward with the global output and LSE
 
 
+def backward_path(kernel: str, query, key, value, bias, mask_grad: bool) -> str:
+    """Which backward one block takes: `kernel` is backward_kernel's, `bias` the block's mask as
+    `_efficient_bias` lays it out (None without a mask). On CUDA, flash attention's backward without a mask
+    (fp16/bf16, head size <= 256), else the memory-efficient kernel's, which takes the mask as its bias (and
+    gives the bias' gradient); the fp32 math path only where neither fits (it materialises the block's
+    [Lq, Lk] scores in fp32)."""
+    if kernel == "cpu_flash":
+        return "math" if mask_grad else "cpu_flash"
+    if kernel != "flash" or not query.is_cuda:
+        return "math"
+    if bias is None and not mask_grad and query.dtype in FLASH_DTYPES and query.shape[-1] <= FLASH_HEAD_SIZE \
+            and value.shape[-1] == query.shape[-1]:
+        return "flash"
+    # The memory-efficient backward takes a bias tensor, never none: without a mask (fp32, larger heads) it is
+    # the math path.
+    if bias is not None and _efficient_fits(query, key, value, bias):
+        return "efficient"
+    return "math"
+
+
+def _efficient_fits(query, key, value, bias) -> bool:
+    try:
+        params = torch.backends.cuda.SDPAParams(query, key, value, bias, 0.0, False, False)
+        return bool(torch.backends.cuda.can_use_efficient_attention(params, False))
+    except Exception:  # a torch whose SDPAParams takes other arguments: the exact fp32 path
+        return False
+
+
+MEMORY_EFFICIENT_ALIGNMENT = 16  # the memory-efficient kernel reads its bias rows at this alignment (elements)
+
+
+def _efficient_bias(mask, query, key):
+    """The mask as the memory-efficient kernel takes its bias (what SDPA's `preprocess_mask` does): in the
+    queries' dtype; where a stride is not a multiple of the kernel's alignment (a mask sliced out of a wider
+    one, a length that is not a multiple of it), rows padded to the alignment then sliced back; broadcast to
+    [B, H, Lq, Lk]."""
+    bias = mask.to(query.dtype)
+    aligned = bias.stride(-1) == 1 and all(stride % MEMORY_EFFICIENT_ALIGNMENT == 0
+                                           for stride in bias.stride()[:-1])
+    if not aligned:
+        length = bias.shape[-1]
+        bias = torch.nn.functional.pad(bias, (0, -length % MEMORY_EFFICIENT_ALIGNMENT))[..., :length]
+    return bias.expand(*query.shape[:-1], key.shape[-2])
+
+
+def _heads_inner(tensor):
+    """[B, H, L, E] with the memory of [B, L, H, E], as SDPA's memory-efficient forward lays out its output:
+    its backward (fp16/bf16) finds a query row of `out` and of `grad` by that layout, whatever the strides say."""
+    return tensor.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def block_backward(kernel: str, grad, query, key, value, out, lse, delta, mask, scale, mask_grad: bool = False):
     """(dQ share, dK, dV, d mask or None) of one block, in fp32. `out`, `lse`: the global output and LSE
     (LSE +inf on rows that attend to nothing); `delta`: rowsum(dO * O) in fp32. `kernel`: backward_kernel's;
-    with `mask_grad`, the fp32 math path, the one that has the scores' gradient (the mask's)."""
-    if kernel == "cpu_flash" and not mask_grad:
+    the path within it: backward_path's."""
+    bias = _efficient_bias(mask, query, key) if mask is not None and kernel == "flash" and query.is_cuda else None
+    path = backward_path(kernel, query, key, value, None if mask is None else (bias if bias is not None else mask),
+                         mask_grad)
+    if path == "cpu_flash":
         grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, query, key, value, out, lse, 0.0, False, attn_mask=mask, scale=scale)
         return (*(g.float() for g in grads), None)
-    if kernel == "flash" and not mask_grad and mask is None and query.dtype in FLASH_DTYPES \
-            and query.shape[-1] <= FLASH_HEAD_SIZE and value.shape[-1] == query.shape[-1]:
+    if path == "flash":
         # No dropout: the generator state the kernel takes (shaped as forward returns it) is never read.
         seed = torch.zeros(2, dtype=torch.uint64, device=query.device)
         offset = torch.zeros((), dtype=torch.uint64, device=query.device)
@@ -229,7 +284,24 @@ def block_backward(kernel: str, grad, query, key, value, out, lse, delta, mask, 
             grad, query, key, value, out, lse, None, None, query.shape[-2], key.shape[-2], 0.0, False, seed,
             offset, scale=scale)
         return (*(g.float() for g in grads), None)
+    if path == "efficient":
+        # The kernel's LSE rows are padded to a multiple of 32 queries; the padding rows are never read.
+        padded_lse = torch.nn.functional.pad(lse, (0, -lse.shape[-1] % 32)).contiguous()
+        seed = torch.zeros((), dtype=torch.int64, device=query.device)  # no dropout: never read
+        grad_query, grad_key, grad_value, grad_bias = aten._scaled_dot_product_efficient_attention_backward(
+            _heads_inner(grad), query, key, value, bias, _heads_inner(out), padded_lse, seed, seed, 0.0,
+            [True, True, True, mask_grad], False, scale=scale)
+        grad_mask = _summed_to(grad_bias, mask.shape) if mask_grad else None
+        return grad_query.float(), grad_key.float(), grad_value.float(), grad_mask
     return _math_block_backward(grad, query, key, value, lse, delta, mask, scale, mask_grad)
+
+
+def _summed_to(gradient, shape):
+    """`gradient` summed over the dims `shape` broadcasts, in fp32 (without an fp32 copy of the whole)."""
+    lead = gradient.dim() - len(shape)
+    dims = [d for d in range(gradient.dim()) if d < lead or (shape[d - lead] == 1 and gradient.shape[d] != 1)]
+    summed = gradient.sum(dims, dtype=torch.float32, keepdim=True) if dims else gradient.float()
+    return summed.reshape(shape)
 
 
 def _math_block_backward(grad, query, key, value, lse, delta, mask, scale, mask_grad):
@@ -382,7 +454,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad, grad_lse):
     query, key, value, out, lse, query_positions, *rest = ctx.saved_tensors
     masks, key_positions = rest[:ctx.counts[0]], rest[ctx.counts[0]:]
-    # A mask that requires grad (a learned bias) gets its gradient from the fp32 math path.
+    # A mask that requires grad (a learned bias) gets its gradient from the kernel backward_path picks.
     mask_grads = bool(masks) and any(ctx.needs_input_grad[3])
     *grads, grad_masks = ring_attention_backward(grad, query, key, value, out, lse, masks, query_positions,
                                                  key_positions, *ctx.arguments, mask_grads)
