@@ -118,8 +118,9 @@ _LOOPBACK_INTERFACE = "lo0" if sys.platform == "darwin" else "lo"
 
 # A reused world's ranks retire (send their last result, then exit) once one of
 # them holds more than this much resident memory: compiled models leave
-# allocator fragments behind, and the CI machine's memory is shared by all ranks.
-_RECYCLE_BYTES = 3 << 30
+# allocator fragments behind, and the idle ranks of a 2- and a 4-rank world
+# share the CI machine's memory with the running ones.
+_RECYCLE_BYTES = 2 << 30
 
 # A reused world's gloo timeout: the parent bounds each call by its own timeout
 # and stops the world when a call runs over, so this only has to be long.
@@ -312,13 +313,17 @@ class _ReusedWorld:
         job = pickle.dumps((fn, args, kwargs))
         try:
             for connection in self.connections:
-                connection.send_bytes(job)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # a rank that died is reported by _collect as exited without a result
-        reported: set[int] = set()
-        retiring: set[int] = set()
-        results, failures = _collect({c: rank for rank, c in enumerate(self.connections)}, self.processes,
-                                     timeout, reported, retiring)
+                try:
+                    connection.send_bytes(job)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # a rank that died is reported by _collect as exited without a result
+            retiring: set[int] = set()
+            results, failures = _collect({c: rank for rank, c in enumerate(self.connections)}, self.processes,
+                                         timeout, set(), retiring)
+        except BaseException:
+            # Results left unread in the pipes would be taken for the next call's.
+            self.close()
+            raise
         if failures or retiring:
             self.close()
         if failures:

@@ -31,7 +31,7 @@ def _float8_flux(granularity: str, set_attribute=setattr):
     """Tiny FLUX in bf16 with torchao's float8 dynamic activation + float8 weight quantization (per-tensor or
     per-row scales). torchao refuses float8 without a GPU of compute capability 8.9; torch's CPU
     `_scaled_mm` runs it, so the check is skipped here (through `monkeypatch.setattr` in the test process, so
-    that it is restored; for good in a spawned rank)."""
+    that it is restored)."""
     quantization = pytest.importorskip("torchao.quantization")
     import torchao.float8.inference as float8_inference
 
@@ -218,15 +218,17 @@ def _reductions_and_float8_against_eager(rank, world_size):
     model(text, image).square().sum().backward()
     errors["training gradients"] = max(((g - p.grad).abs().max() / p.grad.abs().max()).item()  # relative
                                        for g, p in zip(got, model.parameters()))
+    patch = pytest.MonkeyPatch()  # undone below: a reused rank runs other tests' calls afterwards
     for granularity in ("tensor", "row"):
         for mesh in ({"ulysses": 2}, {"ring": 2}):
-            case, model, inputs = _float8_flux(granularity)
+            case, model, inputs = _float8_flux(granularity, patch.setattr)
             torch._dynamo.reset()
             with torch.no_grad():
                 want = case.output(model(**inputs)).float()
                 compiled = torch.compile(model, backend="paracompile", options={"compiler": "eager", "mesh": mesh})
                 got = case.output(compiled(**inputs)).float()
             errors[f"float8 per {granularity}, {mesh}"] = ((got - want).abs().max() / want.abs().max()).item()
+    patch.undo()
     return errors
 
 

@@ -47,8 +47,10 @@ def _compile_and_run(rank, world_size, cache_dir, artifacts_dir, phase):
 def test_a_new_world_loads_the_compiled_graphs_from_saved_artifacts(tmp_path):
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
-    first = run_on_ranks(_compile_and_run, 2, str(tmp_path / "cache_first"), str(artifacts), "save", timeout=600)
-    second = run_on_ranks(_compile_and_run, 2, str(tmp_path / "cache_second"), str(artifacts), "load", timeout=600)
+    first = run_on_ranks(_compile_and_run, 2, str(tmp_path / "cache_first"), str(artifacts), "save", timeout=600,
+                         fresh=True)
+    second = run_on_ranks(_compile_and_run, 2, str(tmp_path / "cache_second"), str(artifacts), "load", timeout=600,
+                          fresh=True)
     for rank in range(2):
         assert first[rank]["misses"] >= 1 and first[rank]["hits"] == 0, first[rank]  # a cold cache
         assert second[rank]["hits"] >= 1 and second[rank]["misses"] == 0, second[rank]
