@@ -153,8 +153,9 @@ SCENARIOS = {
     "ulysses2": dict(mesh={"ulysses": 2}, compiler="eager"),
     "ring2": dict(mesh={"ring": 2}, compiler="eager"),
     "ulysses2_fbcache": dict(mesh={"ulysses": 2}, compiler="eager", threshold=0.05),
-    "ring2_inductor": dict(mesh={"ring": 2}, compiler="inductor"),
 }
+# Through Inductor: test_a_second_resolution_reuses_the_compiled_blocks_on_two_ranks (Ulysses 2, symbolic sizes);
+# Ring through Inductor on the whole graph: tests/test_meshes.py.
 
 
 def _run_world(rank, world_size):

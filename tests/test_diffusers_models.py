@@ -26,6 +26,7 @@ import torch
 from tests.conftest import (assert_attention_split, assert_ranks_match, run_compiled_vs_eager,
                             without_callables)
 from tests.multiprocess import run_on_ranks
+from tests.test_plans import PLANS_CHECKED_IN_THE_WORLD, assert_plan, report_sections
 
 pytestmark = pytest.mark.slow  # every test here spawns process groups
 
@@ -227,3 +228,6 @@ def test_matches_eager_with_every_attention_sharded(both_meshes_ws2, name, mesh)
         # Only the models that break their graph have graphs without attention, which warn that they run replicated.
         assert any(NO_ATTENTION_WARNING in text for text in result["warnings"]) == (name in GRAPH_BREAKS), \
             result["warnings"]
+        if name in PLANS_CHECKED_IN_THE_WORLD:  # their plans are checked here, not traced again in test_plans.py
+            assert len(result["explanations"]) == 1, reports
+            assert_plan(report_sections(result["explanations"][0]), name, strategy)
