@@ -305,7 +305,15 @@ def test_threshold_zero_or_tiny_equals_no_cache(threshold):
     assert stats == ([] if threshold == 0 else [dict(model=stats[0]["model"], generation=0, hits=0, misses=4)])
 
 
-@pytest.mark.parametrize("name", ["toy", "flux", "wan_t2v", "hunyuan_video"])
+# HunyuanVideo's traces are the fast tier's slowest (3-4 s each): it runs with the slow tests.
+SLOW_CACHE_MODELS = {"hunyuan_video"}
+
+
+def _cache_models(*names):
+    return [pytest.param(name, marks=[pytest.mark.slow] * (name in SLOW_CACHE_MODELS)) for name in names]
+
+
+@pytest.mark.parametrize("name", _cache_models("toy", "flux", "wan_t2v", "hunyuan_video"))
 def test_huge_threshold_hits_with_cached_residual(name):
     """After the first call, every call is head(block-0 output + cached residual), which the reference
     computes by hand; and that differs from running the blocks."""
@@ -399,7 +407,7 @@ def test_dbcache_and_taylorseer_match_their_reference(method):
     assert ("TaylorSeer order" in report) == (order > 0), report
 
 
-@pytest.mark.parametrize("name", ["flux", "hunyuan_video"])
+@pytest.mark.parametrize("name", _cache_models("flux", "hunyuan_video"))
 def test_back_blocks_on_double_and_single_stream_models(name):
     """FLUX and HunyuanVideo: one double-stream block in front, the last single-stream block at the back
     (it reads both streams the cached block leaves), one cached block between."""
