@@ -261,8 +261,10 @@ def _efficient_bias(mask, query, key):
 
 def _heads_inner(tensor):
     """[B, H, L, E] with the memory of [B, L, H, E], as SDPA's memory-efficient forward lays out its output:
-    its backward (fp16/bf16) finds a query row of `out` and of `grad` by that layout, whatever the strides say."""
-    return tensor.transpose(1, 2).contiguous().transpose(1, 2)
+    its backward (fp16/bf16) finds a query row of `out` and of `grad` by that layout, whatever the strides say.
+    A tensor already laid out so is returned as it is (ring_attention_backward lays out its own once)."""
+    swapped = tensor.transpose(1, 2)
+    return tensor if swapped.is_contiguous() else swapped.contiguous().transpose(1, 2)
 
 
 def block_backward(kernel: str, grad, query, key, value, out, lse, delta, mask, scale, mask_grad: bool = False):
@@ -270,8 +272,7 @@ def block_backward(kernel: str, grad, query, key, value, out, lse, delta, mask, 
     (LSE +inf on rows that attend to nothing); `delta`: rowsum(dO * O) in fp32. `kernel`: backward_kernel's;
     the path within it: backward_path's."""
     bias = _efficient_bias(mask, query, key) if mask is not None and kernel == "flash" and query.is_cuda else None
-    path = backward_path(kernel, query, key, value, None if mask is None else (bias if bias is not None else mask),
-                         mask_grad)
+    path = backward_path(kernel, query, key, value, bias, mask_grad)
     if path == "cpu_flash":
         grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, query, key, value, out, lse, 0.0, False, attn_mask=mask, scale=scale)
@@ -401,6 +402,10 @@ def ring_attention_backward(grad: torch.Tensor, query: torch.Tensor, key: torch.
     no mask gradients."""
     kernel = backward_kernel(kernel)
     grad = grad.to(out.dtype).contiguous()
+    if kernel == "flash" and query.is_cuda and (masks or query_positions is not None):
+        # Every block has a mask, so none takes flash attention's backward: lay out the output and its gradient
+        # for the memory-efficient kernel once, not once per ring step.
+        grad, out = _heads_inner(grad), _heads_inner(out)
     # A row that attends to nothing has output 0 and LSE -inf; with L = +inf its P is 0 instead of NaN.
     lse = torch.where(torch.isneginf(lse), float("inf"), lse)
     delta = (grad.float() * out.float()).sum(-1)
