@@ -375,9 +375,7 @@ def _rank_main(fn, rank, world_size, init_method, timeout, sender, args, kwargs)
         # the result stays valid after this process exits.
         message = ("result", pickle.dumps(_detached(result)))
     except BaseException:
-        text = traceback.format_exc()
-        print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
-        message = ("error", text)
+        message = _error_message(rank)
     # Send before tearing down the process group, so nothing that might hang
     # during teardown can hold the message back.
     sender.send_bytes(pickle.dumps(message))
@@ -391,14 +389,19 @@ def _rank_main(fn, rank, world_size, init_method, timeout, sender, args, kwargs)
         sys.exit(1)
 
 
+def _error_message(rank) -> tuple[str, str]:
+    """The message for the exception being handled: its traceback, also printed to this rank's stderr."""
+    text = traceback.format_exc()
+    print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
+    return "error", text
+
+
 def _reused_rank_main(rank, world_size, init_method, connection) -> None:
     """Entry point of one rank of a reused world: set up once, then run calls until told to stop."""
     try:
         _set_up_rank(rank, world_size, init_method, _REUSED_GROUP_TIMEOUT)
     except BaseException:
-        text = traceback.format_exc()
-        print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
-        connection.send_bytes(pickle.dumps(("error", text)))
+        connection.send_bytes(pickle.dumps(_error_message(rank)))
         sys.exit(1)
     world_group = dist.group.WORLD
     failed = False
@@ -429,11 +432,12 @@ def _reused_rank_main(rank, world_size, init_method, connection) -> None:
 
 
 def _run_call(rank, world_size, job: bytes) -> tuple[str, Any]:
-    """Run one call as a new rank would: Dynamo reset, seeded, with what it changes in the process put back."""
+    """Run one call as a new rank would: seeded, Dynamo's counters and paracompile's registry empty, Dynamo
+    reset (every call ends with the reset, so the next one starts from it), with what it changes in the
+    process put back."""
     saved = _ProcessState()
     try:
         fn, args, kwargs = pickle.loads(job)
-        torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         backend = sys.modules.get("paracompile.backend")
         if backend is not None:
@@ -443,9 +447,7 @@ def _run_call(rank, world_size, job: bytes) -> tuple[str, Any]:
         result = fn(rank, world_size, *args, **kwargs)
         return "result", pickle.dumps(_detached(result))
     except BaseException:
-        text = traceback.format_exc()
-        print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
-        return "error", text
+        return _error_message(rank)
     finally:
         saved.restore()
         torch._dynamo.reset()
