@@ -91,16 +91,17 @@ def assert_attention_split(eager_calls: list, local_calls: list, world_size: int
         assert local["head_dim"] == eager["head_dim"], f"attention call {index}: head dim changed"
 
 
-def report_items(report: str, section: str) -> list[str]:
-    """The "    - ..." items under "  <section>: ..." of an explain report (paracompile/explain.py)."""
-    items, current = [], None
-    for line in report.splitlines():
+def report_sections(report: str) -> dict[str, list[str]]:
+    """An explain report's (paracompile/explain.py) items by the first word of their section's heading:
+    {"attention": [...], "sliced": [...], "gathered": [...], "reduced": [...], "notes": [...]}."""
+    sections, current = {}, None
+    for line in report.splitlines()[1:]:
         if line.startswith("    - "):
-            if current == section:
-                items.append(line[len("    - "):])
-        elif line.startswith("  ") and ":" in line:
-            current = line.strip().split(":")[0]
-    return items
+            sections[current].append(line[len("    - "):])
+        else:
+            current = line.strip().split(":")[0].split(" ")[0]
+            sections[current] = []
+    return sections
 
 
 # ----------------------------------------------------------------------------------------------

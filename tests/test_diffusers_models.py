@@ -23,10 +23,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import (assert_attention_split, assert_ranks_match, run_compiled_vs_eager,
+from tests.conftest import (assert_attention_split, assert_ranks_match, report_sections, run_compiled_vs_eager,
                             without_callables)
 from tests.multiprocess import run_on_ranks
-from tests.test_plans import PLANS_CHECKED_IN_THE_WORLD, assert_plan, report_sections
+from tests.test_plans import PLANS_CHECKED_IN_THE_WORLD, assert_plan
 
 pytestmark = pytest.mark.slow  # every test here spawns process groups
 

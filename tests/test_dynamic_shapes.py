@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import (assert_attention_split, assert_ranks_match, report_items,
+from tests.conftest import (assert_attention_split, assert_ranks_match, report_sections,
                             run_compiled_vs_eager, without_callables)
 from tests.multiprocess import run_on_ranks
 from tests.toy_dit import ToyDiT, toy_inputs
@@ -129,7 +129,7 @@ def _assert_rewritten_with_ulysses(result, world_size):
     assert result["graphs"], "no rewritten graph"
     for graph, report in zip(result["graphs"], result["explanations"]):
         assert graph["all_to_all"] >= 4, report  # 2 blocks' joint self-attention, >= 2 each
-        attention = report_items(report, "attention")
+        attention = report_sections(report)["attention"]
         assert attention and not any("replicated" in line for line in attention), report
 
 

@@ -15,6 +15,7 @@ import torch
 import paracompile.backend as backend
 from paracompile.passes import sharding_rules
 from tests import tiny_models
+from tests.conftest import report_sections
 from tests.toy_dit import ToyDiT, toy_inputs
 
 aten = torch.ops.aten
@@ -98,18 +99,6 @@ def plan_of(name: str, mesh: dict) -> dict:
         torch.compile(model, backend="paracompile",
                       options={"compiler": "eager", "mesh": mesh, "check_inputs": "off"})(**inputs)
     return report_sections(backend.explanations[-1])
-
-
-def report_sections(report: str) -> dict:
-    """An explain report's sections by their first word: {"attention": [...], "gathered": [...], ...}."""
-    sections, current = {}, None
-    for line in report.splitlines()[1:]:
-        if not line.startswith("    - "):
-            current = line.strip().split(":")[0].split(" ")[0]
-            sections[current] = []
-        else:
-            sections[current].append(line[len("    - "):])
-    return sections
 
 
 def assert_plan(sections: dict, name: str, strategy: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import (assert_attention_split, assert_matches, assert_ranks_match,
-                            report_items, run_compiled_vs_eager, without_callables)
+                            report_sections, run_compiled_vs_eager, without_callables)
 from tests.multiprocess import run_on_ranks
 from tests.toy_dit import ToyDiT, toy_inputs
 
@@ -117,7 +117,7 @@ def test_self_attention_uses_ulysses(request, world_size, name):
         # ToyDiT: one joint self-attention per block (2 blocks), each needs >= 2 all-to-alls.
         assert result["graphs"][0]["all_to_all"] >= 4, result["explanations"]
         report = result["explanations"][0]
-        attention_lines = report_items(report, "attention")
+        attention_lines = report_sections(report)["attention"]
         assert len(attention_lines) == 3, report  # 2 joint self-attentions, 1 cross-attention
         assert not any("replicated" in line for line in attention_lines), report
         assert sum(f"ulysses over {world_size} ranks" in line for line in attention_lines) >= 2, report
@@ -138,7 +138,7 @@ def test_head_count_not_divisible_picks_ring_with_auto(request, world_size):
         assert result["error"] is None, result["error"]
         report = result["explanations"][0]
         assert f"ring {world_size}, ulysses 1 (auto: Ulysses 1 is the largest divisor" in report, report
-        attention_lines = report_items(report, "attention")
+        attention_lines = report_sections(report)["attention"]
         assert len(attention_lines) == 3 and all(f"ring over {world_size} ranks" in line
                                                  for line in attention_lines), report
         # Every kernel call ran on this rank's queries against one block of keys, never on all tokens.
