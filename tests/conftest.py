@@ -40,6 +40,15 @@ ALL_TO_ALL = "_c10d_functional.all_to_all_single"
 ALL_GATHER = "_c10d_functional.all_gather_into_tensor"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _frozen_long_lived_objects():
+    """The test process's long-lived objects leave the collector's walks before each module
+    (tests/multiprocess.py's freeze_survivors says why; the rank processes do the same)."""
+    from tests.multiprocess import freeze_survivors
+
+    freeze_survivors()
+
+
 # ----------------------------------------------------------------------------------------------
 # Comparisons (run in the test process)
 
