@@ -510,12 +510,11 @@ def _set_up_rank(rank, world_size, init_method, timeout) -> None:
 
 def freeze_survivors() -> None:
     """Collect garbage, then move every surviving object into the collector's permanent generation
-    (`gc.freeze`). A rank holds about half a million long-lived objects (torch,
-    diffusers, sympy, what Dynamo keeps), and each full collection, automatic ones while Dynamo traces as
-    well as this one, would walk all of them again: 0.35 s a time here. Frozen, a collection walks only what
-    was made since: the whole suite's user CPU time fell by about 15% (1,659 s to 1,403 s). Frozen
-    objects that die later are still freed by reference counting; only a reference cycle among them is
-    kept, which a test process can afford."""
+    (`gc.freeze`). A rank holds about half a million long-lived objects (torch, diffusers, sympy, what Dynamo
+    keeps), and each full collection, automatic ones while Dynamo traces as well as this one, would walk all
+    of them again: 0.35 s a time here. Frozen, a collection walks only what was made since: the whole suite's
+    user CPU time fell by about 15% (1,659 s to 1,403 s). Frozen objects that die later are still freed by
+    reference counting; only a reference cycle among them is kept, which a test process can afford."""
     gc.collect()
     gc.freeze()
 
