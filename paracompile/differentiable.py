@@ -22,9 +22,14 @@ summed over the ranks by `SumGradsOverRanks` (one all-reduce for all of them), s
 same exact gradients, as single-process autograd gives them.
 
 These are custom ops (`torch.ops.paracompile.*`) with their autograd registered, so the eager graph and
-AOTAutograd (Inductor) both differentiate them. Each runs its collective eagerly inside the op: Inductor
-sees an opaque kernel, not a functional collective, so nothing overlaps with compute in a training graph
-(inference graphs keep the functional collectives, visible to Inductor).
+AOTAutograd (Inductor) both differentiate them. Inductor gets them as the functional collectives they run
+(`FUNCTIONAL_COLLECTIVES`, its decomposition table, applied below autograd when AOTAutograd traces the
+forward and backward): as opaque kernels, its scheduler could order two independent ones differently on two
+ranks whose uneven shards give them other sizes (the backward's three all-to-alls of dQ, dK and dV, on 11
+tokens over 2 ranks, crashed gloo with a size mismatch), where a functional collective is chained to the one
+before it in graph order (`decide_global_ordering_of_comms`), as in inference graphs. `SumGradsOverRanks`'
+bucketed all-reduce runs after the compiled backward, outside Inductor, in the same order on every rank.
+The ring attention op (ring_kernels.py) stays opaque: its collectives run inside it, in its own fixed order.
 """
 from __future__ import annotations
 
@@ -34,10 +39,29 @@ import torch.distributed as dist
 functional = torch.ops._c10d_functional
 
 
-@torch.library.custom_op("paracompile::all_gather", mutates_args=())
-def all_gather(tensor: torch.Tensor, group_size: int, group_name: str) -> torch.Tensor:
+def _all_gather(tensor: torch.Tensor, group_size: int, group_name: str) -> torch.Tensor:
     """Every rank's tensor, concatenated along dim 0 in rank order."""
     return functional.wait_tensor(functional.all_gather_into_tensor(tensor.contiguous(), group_size, group_name))
+
+
+def _reduce_scatter(tensor: torch.Tensor, group_size: int, group_name: str) -> torch.Tensor:
+    """The sum over the ranks of `tensor`, of which this rank keeps its block of dim 0."""
+    return functional.wait_tensor(functional.reduce_scatter_tensor(tensor.contiguous(), "sum", group_size, group_name))
+
+
+def _all_reduce(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
+    return functional.wait_tensor(functional.all_reduce(tensor.contiguous(), "sum", group_name))
+
+
+def _all_to_all(tensor: torch.Tensor, output_splits: list[int], input_splits: list[int],
+                group_name: str) -> torch.Tensor:
+    """Block i of dim 0 (sized by `input_splits`) goes to rank i; what rank i sent lands in block i of the
+    result (sized by `output_splits`)."""
+    return functional.wait_tensor(functional.all_to_all_single(tensor.contiguous(), output_splits, input_splits,
+                                                               group_name))
+
+
+all_gather = torch.library.custom_op("paracompile::all_gather", _all_gather, mutates_args=())
 
 
 @all_gather.register_fake
@@ -45,10 +69,7 @@ def _(tensor, group_size, group_name):
     return tensor.new_empty((tensor.shape[0] * group_size, *tensor.shape[1:]))
 
 
-@torch.library.custom_op("paracompile::reduce_scatter", mutates_args=())
-def reduce_scatter(tensor: torch.Tensor, group_size: int, group_name: str) -> torch.Tensor:
-    """The sum over the ranks of `tensor`, of which this rank keeps its block of dim 0."""
-    return functional.wait_tensor(functional.reduce_scatter_tensor(tensor.contiguous(), "sum", group_size, group_name))
+reduce_scatter = torch.library.custom_op("paracompile::reduce_scatter", _reduce_scatter, mutates_args=())
 
 
 @reduce_scatter.register_fake
@@ -56,9 +77,7 @@ def _(tensor, group_size, group_name):
     return tensor.new_empty((tensor.shape[0] // group_size, *tensor.shape[1:]))
 
 
-@torch.library.custom_op("paracompile::all_reduce", mutates_args=())
-def all_reduce(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
-    return functional.wait_tensor(functional.all_reduce(tensor.contiguous(), "sum", group_name))
+all_reduce = torch.library.custom_op("paracompile::all_reduce", _all_reduce, mutates_args=())
 
 
 @all_reduce.register_fake
@@ -66,13 +85,7 @@ def _(tensor, group_name):
     return torch.empty_like(tensor, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("paracompile::all_to_all", mutates_args=())
-def all_to_all(tensor: torch.Tensor, output_splits: list[int], input_splits: list[int],
-               group_name: str) -> torch.Tensor:
-    """Block i of dim 0 (sized by `input_splits`) goes to rank i; what rank i sent lands in block i of the
-    result (sized by `output_splits`)."""
-    return functional.wait_tensor(functional.all_to_all_single(tensor.contiguous(), output_splits, input_splits,
-                                                               group_name))
+all_to_all = torch.library.custom_op("paracompile::all_to_all", _all_to_all, mutates_args=())
 
 
 @all_to_all.register_fake
@@ -147,3 +160,7 @@ class SumGradsOverRanks(torch.autograd.Function):
 
 
 OPS = torch.ops.paracompile  # the ops above, as graph nodes name them (`OPS.all_gather.default`)
+
+# The collectives above as Inductor should see them (see the module docstring): what each op runs.
+FUNCTIONAL_COLLECTIVES = {OPS.all_gather.default: _all_gather, OPS.reduce_scatter.default: _reduce_scatter,
+                          OPS.all_reduce.default: _all_reduce, OPS.all_to_all.default: _all_to_all}
