@@ -40,6 +40,28 @@ ALL_TO_ALL = "_c10d_functional.all_to_all_single"
 ALL_GATHER = "_c10d_functional.all_gather_into_tensor"
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected what they deselect
+def pytest_collection_modifyitems(config, items):
+    """Plan the world calls to start ahead (tests/multiprocess.py, RanksJob): those each module with a selected
+    slow test names at module level, in the order the modules run."""
+    from tests.multiprocess import RanksJob, plan_run_ahead
+
+    modules = []
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module not in modules and item.get_closest_marker("slow"):
+            modules.append(module)
+    plan_run_ahead([value for module in modules for value in vars(module).values() if isinstance(value, RanksJob)])
+
+
+def pytest_runtest_setup(item):
+    """Before each test, an idle machine's next planned world call starts in the background: while this test
+    runs in the test process (one core), the ranks use the other."""
+    from tests.multiprocess import run_ahead
+
+    run_ahead()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _frozen_long_lived_objects():
     """The test process's long-lived objects leave the collector's walks before each module

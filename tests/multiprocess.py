@@ -103,7 +103,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankFailure", "run_on_ranks"]
+__all__ = ["RankFailure", "RanksJob", "plan_run_ahead", "run_ahead", "run_on_ranks"]
 
 # After one rank failed, how long the others may take to report their own
 # failure (often the more telling one) before they are killed.
@@ -158,11 +158,15 @@ def run_on_ranks(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
-    reuse = not (fresh or check_exit_codes or os.environ.get("PARACOMPILE_TEST_FRESH_WORLDS") == "1")
+    reuse = not (fresh or check_exit_codes or _fresh_worlds_only())
     for attempt in range(_PORT_ATTEMPTS):
         try:
             if reuse:
-                return _reused_world(world_size).call(fn, args, kwargs, timeout)
+                job = _Job(fn, world_size, args, kwargs, timeout)
+                started_ahead = _outcome_of_started(job)
+                if started_ahead is not None:
+                    return started_ahead.value()
+                return _reused_world(world_size).call(job)
             return _launch(fn, world_size, args, kwargs, timeout, check_exit_codes)
         except RankFailure as failure:
             port_was_taken = "address already in use" in str(failure).lower()
@@ -223,7 +227,7 @@ def _failure(fn, world_size: int, failures: dict[int, str]) -> RankFailure:
 
 
 def _collect(receivers: dict[Connection, int], processes, timeout: float, reported_ranks: set[int],
-             retiring: Optional[set[int]] = None):
+             retiring: Optional[set[int]] = None, timeout_text: Optional[float] = None):
     """Wait for one message per rank; stop waiting soon after some rank has failed.
 
     Adds every rank that sent a message (or exited) to ``reported_ranks``, and
@@ -262,7 +266,7 @@ def _collect(receivers: dict[Connection, int], processes, timeout: float, report
     timed_out = not failures
     for rank in sorted(pending.values()):
         if timed_out:
-            failures[rank] = f"did not finish within {timeout} seconds; killed"
+            failures[rank] = f"did not finish within {timeout_text or timeout} seconds; killed"
         else:
             failures[rank] = "killed while still running, after another rank had failed"
     return results, failures
@@ -300,6 +304,8 @@ class _ReusedWorld:
         self.processes = []
         self.connections: list[Connection] = []
         self.usable = True
+        self.running: Optional[_Job] = None  # the job sent and not yet collected
+        self.deadline = 0.0
         for rank in range(world_size):
             parent_end, child_end = context.Pipe(duplex=True)
             process = context.Process(target=_reused_rank_main, args=(rank, world_size, init_method, child_end),
@@ -309,17 +315,28 @@ class _ReusedWorld:
             self.processes.append(process)
             self.connections.append(parent_end)
 
-    def call(self, fn, args, kwargs, timeout: float) -> list[Any]:
-        job = pickle.dumps((fn, args, kwargs))
+    def call(self, job: "_Job") -> list[Any]:
+        self.start(job)
+        return self.finish()
+
+    def start(self, job: "_Job") -> None:
+        """Send `job` to every rank without waiting for it (the world must be idle)."""
+        assert self.running is None, "a reused world runs one call at a time"
+        self.running, self.deadline = job, time.monotonic() + job.timeout
+        for connection in self.connections:
+            try:
+                connection.send_bytes(job.message)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a rank that died is reported by _collect as exited without a result
+
+    def finish(self) -> list[Any]:
+        """Wait for the running job's results (bounded by its own timeout, counted from its start)."""
+        job, self.running = self.running, None
         try:
-            for connection in self.connections:
-                try:
-                    connection.send_bytes(job)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # a rank that died is reported by _collect as exited without a result
             retiring: set[int] = set()
             results, failures = _collect({c: rank for rank, c in enumerate(self.connections)}, self.processes,
-                                         timeout, set(), retiring)
+                                         max(1.0, self.deadline - time.monotonic()), set(), retiring,
+                                         timeout_text=job.timeout)
         except BaseException:
             # Results left unread in the pipes would be taken for the next call's.
             self.close()
@@ -327,7 +344,7 @@ class _ReusedWorld:
         if failures or retiring:
             self.close()
         if failures:
-            raise _failure(fn, self.world_size, failures)
+            raise _failure(job.fn, self.world_size, failures)
         return [results[rank] for rank in range(self.world_size)]
 
     def close(self) -> None:
@@ -359,6 +376,114 @@ def _close_reused_worlds() -> None:
     for world in _reused_worlds.values():
         world.close()
     _reused_worlds.clear()
+
+
+# ---------------------------------------------------------------------------
+# Running ahead: a world's call started in the background while the test process works alone.
+# ---------------------------------------------------------------------------
+
+
+class _Job:
+    """One reused-world call: what the ranks receive, and the key a later identical call finds it by."""
+
+    def __init__(self, fn, world_size: int, args: tuple, kwargs: dict, timeout: float):
+        self.fn, self.world_size, self.timeout = fn, world_size, timeout
+        self.message = pickle.dumps((fn, args, kwargs))
+        self.key = (world_size, self.message)
+
+
+class _Outcome:
+    """What a job that ran ahead gave: the ranks' results, or the failure to raise."""
+
+    def __init__(self, results: Optional[list] = None, failure: Optional[BaseException] = None):
+        self.results, self.failure = results, failure
+
+    def value(self) -> list[Any]:
+        if self.failure is not None:
+            raise self.failure
+        return self.results
+
+
+class RanksJob:
+    """A `run_on_ranks(fn, world_size, *args, timeout=..., **kwargs)` call a test module names at import, as a
+    module-level value, so that the suite can start it ahead (tests/conftest.py): while the test process runs
+    tests of its own (one core), the ranks compute in the background on the other, and `result()` then finds
+    the results ready, or waits for them. Run ahead or not, `result()` returns what run_on_ranks returns and
+    raises what it raises; the world's call is the same (`PARACOMPILE_TEST_RUN_AHEAD=0` turns running ahead
+    off)."""
+
+    def __init__(self, fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300, **kwargs: Any):
+        self.fn, self.world_size, self.args, self.timeout, self.kwargs = fn, world_size, args, timeout, kwargs
+
+    def result(self) -> list[Any]:
+        return run_on_ranks(self.fn, self.world_size, *self.args, timeout=self.timeout, **self.kwargs)
+
+    def job(self) -> _Job:
+        return _Job(self.fn, self.world_size, self.args, self.kwargs, self.timeout)
+
+
+class _RunAhead:
+    """The jobs the selected tests will ask for, in the order they will (plan), and the outcomes of those that
+    ran ahead, until asked for. One job runs ahead at a time, on top of the test process: two saturated cores
+    share the work of three processes, not of five."""
+
+    def __init__(self):
+        self.planned: list[_Job] = []
+        self.started: set = set()
+        self.outcomes: dict = {}
+
+
+_run_ahead = _RunAhead()
+
+
+def plan_run_ahead(jobs: list[RanksJob]) -> None:
+    """The jobs to start ahead, in the order the tests that use them run (tests/conftest.py)."""
+    _run_ahead.planned = [job.job() for job in jobs]
+    _run_ahead.started.clear()
+
+
+def run_ahead() -> None:
+    """Start the next planned job no call has taken yet, unless a world is busy (running ahead, or a call)."""
+    if _fresh_worlds_only() or os.environ.get("PARACOMPILE_TEST_RUN_AHEAD") == "0":
+        return
+    if any(world.running is not None for world in _reused_worlds.values() if world.usable):
+        return
+    for job in _run_ahead.planned:
+        if job.key not in _run_ahead.started:
+            _run_ahead.started.add(job.key)
+            _reused_world(job.world_size).start(job)
+            return
+
+
+def _outcome_of_started(job: _Job) -> Optional[_Outcome]:
+    """The outcome of `job` if it ran ahead (waiting for it if it still runs); None if it did not. Taken once:
+    asked for again, the job runs again, as it would without running ahead."""
+    _settle(job.world_size)
+    _run_ahead.started.add(job.key)
+    return _run_ahead.outcomes.pop(job.key, None)
+
+
+def _settle(world_size: int) -> None:
+    """Collect the job running ahead in this world size's ranks, if any, and keep its outcome for its own call:
+    a world runs one call at a time."""
+    world = _reused_worlds.get(world_size)
+    if world is None or world.running is None:
+        return
+    key = world.running.key
+    try:
+        _run_ahead.outcomes[key] = _Outcome(results=world.finish())
+    except RankFailure as failure:
+        _run_ahead.outcomes[key] = _Outcome(failure=failure)
+
+
+def settle_running() -> None:
+    """Collect every job running ahead; each one's outcome waits for its own call."""
+    for world_size in list(_reused_worlds):
+        _settle(world_size)
+
+
+def _fresh_worlds_only() -> bool:
+    return os.environ.get("PARACOMPILE_TEST_FRESH_WORLDS") == "1"
 
 
 # ---------------------------------------------------------------------------

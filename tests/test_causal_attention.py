@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import RanksJob
 
 pytestmark = pytest.mark.slow  # every test here spawns process groups
 
@@ -70,15 +70,17 @@ MESHES = {
     "ulysses2_ring2": (4, {"ulysses": 2, "ring": 2}, "ring over 2 ranks (ulysses 2 inside"),
     "ring4": (4, {"ring": 4}, "ring over 4 ranks"),
 }
+WORLDS = [RanksJob(_causal_errors, world_size,
+                   {name: mesh for name, (size, mesh, _) in MESHES.items() if size == world_size}, timeout=600)
+          for world_size in (2, 4)]
 
 
 @pytest.fixture(scope="module")
 def worlds():
     """One world per world size runs all of its meshes."""
     results = {}
-    for world_size in (2, 4):
-        meshes = {name: mesh for name, (size, mesh, _) in MESHES.items() if size == world_size}
-        for rank_results in run_on_ranks(_causal_errors, world_size, meshes, timeout=600):
+    for job in WORLDS:
+        for rank_results in job.result():
             for name, result in rank_results.items():
                 results.setdefault(name, []).append(result)
     return results

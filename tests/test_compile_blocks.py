@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import paracompile.backend as backend
 from paracompile.passes.compile_blocks import structural_key
 from tests.conftest import assert_matches, run_compiled_vs_eager, without_callables
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import RanksJob
 from tests.tiny_models import CASES
 
 
@@ -168,9 +168,12 @@ def _run_world(rank, world_size):
     return results
 
 
+TWO_RANKS = RanksJob(_run_world, 2, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def two_ranks():
-    return run_on_ranks(_run_world, 2, timeout=900)
+    return TWO_RANKS.result()
 
 
 @pytest.mark.slow
@@ -319,9 +322,12 @@ def _run_two_resolutions(rank, world_size):
     return results
 
 
+TWO_RESOLUTIONS = RanksJob(_run_two_resolutions, 2, timeout=900)
+
+
 @pytest.mark.slow
 def test_a_second_resolution_reuses_the_compiled_blocks_on_two_ranks():
-    for rank, results in enumerate(run_on_ranks(_run_two_resolutions, 2, timeout=900)):
+    for rank, results in enumerate(TWO_RESOLUTIONS.result()):
         for size, result in results.items():
             assert result["error"] is None, result["error"]
             assert_matches(result["output"], result["expected"], f"rank {rank} {size}")

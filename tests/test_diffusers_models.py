@@ -25,7 +25,7 @@ import torch
 
 from tests.conftest import (assert_attention_split, assert_ranks_match, report_sections, run_compiled_vs_eager,
                             without_callables)
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import RanksJob
 from tests.test_plans import PLANS_CHECKED_IN_THE_WORLD, assert_plan
 
 pytestmark = pytest.mark.slow  # every test here spawns process groups
@@ -61,12 +61,14 @@ def _run_models(rank, world_size, names, size, batch, options):
     return results
 
 
+EAGER_WORLDS = {world_size: RanksJob(_run_models, world_size, scenario["models"], scenario["size"], scenario["batch"],
+                                      {"compiler": "eager"}, timeout=900)
+                for world_size, scenario in SCENARIOS.items()}
+
+
 def _run_world(world_size):
-    scenario = SCENARIOS[world_size]
-    names = scenario["models"]
-    per_rank = run_on_ranks(_run_models, world_size, names, scenario["size"], scenario["batch"],
-                            {"compiler": "eager"}, timeout=900)
-    return {name: [ranks[name] for ranks in per_rank] for name in names}
+    per_rank = EAGER_WORLDS[world_size].result()
+    return {name: [ranks[name] for ranks in per_rank] for name in SCENARIOS[world_size]["models"]}
 
 
 # One module-scoped fixture per world size, looked up by name (`eager_results` below), so that
@@ -137,12 +139,14 @@ def test_attention_runs_on_a_fraction_of_the_work(eager_results, name):
 # Inductor, once: FLUX on 2 ranks (Inductor compiles take tens of seconds on CPU).
 
 
+# mode and inductor are passed through to Inductor; these values change nothing but exercise the path.
+FLUX_INDUCTOR = RanksJob(_run_models, 2, ["flux"], "uneven", 1,
+                         {"compiler": "inductor", "mode": "default", "inductor": {"freezing": False}}, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def flux_inductor_results():
-    # mode and inductor are passed through to Inductor; these values change nothing but exercise the path.
-    options = {"compiler": "inductor", "mode": "default", "inductor": {"freezing": False}}
-    per_rank = run_on_ranks(_run_models, 2, ["flux"], "uneven", 1, options, timeout=900)
-    return [ranks["flux"] for ranks in per_rank]
+    return [ranks["flux"] for ranks in FLUX_INDUCTOR.result()]
 
 
 def test_flux_inductor_matches_eager(flux_inductor_results):
@@ -208,9 +212,12 @@ def _run_both_meshes(rank, world_size, cases):
     return results
 
 
+BOTH_MESHES_WORLD = RanksJob(_run_both_meshes, 2, BOTH_MESH_CASES, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def both_meshes_ws2():
-    per_rank = run_on_ranks(_run_both_meshes, 2, BOTH_MESH_CASES, timeout=900)
+    per_rank = BOTH_MESHES_WORLD.result()
     return {key: [ranks[key] for ranks in per_rank] for key in per_rank[0]}
 
 

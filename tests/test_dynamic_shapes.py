@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import (assert_attention_split, assert_ranks_match, report_sections,
                             run_compiled_vs_eager, without_callables)
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import RanksJob
 from tests.toy_dit import ToyDiT, toy_inputs
 
 pytestmark = pytest.mark.slow  # every test here spawns process groups
@@ -83,10 +83,13 @@ def _ws_id(world_size):
     return f"ws{world_size}"
 
 
+EAGER_WORLDS = {world_size: RanksJob(_run_sequences, world_size, {name: EAGER_RUNS[name] for name in names}, "eager",
+                                      timeout=600)
+                for world_size, names in EAGER_RUNS_BY_WORLD_SIZE.items()}
+
+
 def _run_world(world_size):
-    runs = {name: EAGER_RUNS[name] for name in EAGER_RUNS_BY_WORLD_SIZE[world_size]}
-    per_rank = run_on_ranks(_run_sequences, world_size, runs, "eager", timeout=600)
-    return world_size, _by_run(per_rank, runs)
+    return world_size, _by_run(EAGER_WORLDS[world_size].result(), EAGER_RUNS_BY_WORLD_SIZE[world_size])
 
 
 # One module-scoped fixture per world size, looked up by name (`eager_results` below), so that
@@ -110,10 +113,12 @@ def _on(world_sizes=WORLD_SIZES):
     return pytest.mark.parametrize("world_size", world_sizes, ids=_ws_id)
 
 
+INDUCTOR_WORLD = RanksJob(_run_sequences, 2, INDUCTOR_RUNS, "inductor", timeout=900)
+
+
 @pytest.fixture(scope="module")
 def inductor_results():
-    per_rank = run_on_ranks(_run_sequences, 2, INDUCTOR_RUNS, "inductor", timeout=900)
-    return 2, _by_run(per_rank, INDUCTOR_RUNS)
+    return 2, _by_run(INDUCTOR_WORLD.result(), INDUCTOR_RUNS)
 
 
 def _calls(results, name, index):

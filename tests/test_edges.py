@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import paracompile
 import paracompile.backend as backend
 from tests.conftest import assert_matches
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import RanksJob
 from tests.toy_dit import ToyDiT, rotary, toy_inputs
 
 EAGER = {"compiler": "eager"}
@@ -324,9 +324,12 @@ def _run_scenarios(rank, world_size):
     return results
 
 
+TWO_RANKS = RanksJob(_run_scenarios, 2, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def ranks():
-    return run_on_ranks(_run_scenarios, 2, timeout=900)
+    return TWO_RANKS.result()
 
 
 def _per_rank(ranks, name):

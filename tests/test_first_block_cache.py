@@ -29,7 +29,7 @@ import paracompile
 import paracompile.backend as backend
 from paracompile.options import parse_options
 from tests.conftest import TOLERANCE, assert_matches, max_error
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import RanksJob
 from tests.toy_dit import ToyDiT, toy_inputs
 
 HUGE = 1e9
@@ -751,9 +751,12 @@ def _run_world_scenarios(rank, world_size, names):
     return results
 
 
+WORLD2 = RanksJob(_run_world_scenarios, 2, WORLD_SCENARIOS, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def world2():
-    per_rank = run_on_ranks(_run_world_scenarios, 2, WORLD_SCENARIOS, timeout=900)
+    per_rank = WORLD2.result()
     return {name: [ranks[name] for ranks in per_rank] for name in WORLD_SCENARIOS}
 
 

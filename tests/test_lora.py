@@ -15,7 +15,7 @@ import torch
 
 import paracompile.backend as backend
 from tests.conftest import assert_matches
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import RanksJob
 
 pytestmark = pytest.mark.slow  # spawns a process group
 
@@ -70,9 +70,12 @@ def _run(rank, world_size):
     return results
 
 
+WORLD2 = RanksJob(_run, 2, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def world2():
-    return run_on_ranks(_run, 2, timeout=900)
+    return WORLD2.result()
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))

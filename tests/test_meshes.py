@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_ranks_match, run_compiled_vs_eager, without_callables
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import RanksJob
 from tests.test_diffusers_models import ATTENTION_OUTSIDE_GRAPH, LINEAR_SELF_ATTENTION, PARTIAL_SUM
 from tests.toy_dit import ToyDiT, toy_inputs
 
@@ -128,14 +128,17 @@ def test_rotary_table_first_matches_eager(world2, strategy):
         assert f"{strategy} over 2 ranks" in result["explanations"][-1], result["explanations"][-1]
 
 
+WORLD2, WORLD4 = RanksJob(_run_world, 2, timeout=900), RanksJob(_run_world, 4, timeout=1200)
+
+
 @pytest.fixture(scope="module")
 def world2():
-    return _collect(run_on_ranks(_run_world, 2, timeout=900))
+    return _collect(WORLD2.result())
 
 
 @pytest.fixture(scope="module")
 def world4():
-    return _collect(run_on_ranks(_run_world, 4, timeout=1200))
+    return _collect(WORLD4.result())
 
 
 def _collect(per_rank):
@@ -196,8 +199,11 @@ def _ring_inductor(rank, world_size):
     return dict(error=None, expected=expected, output=output, code="\n".join(codes))
 
 
+RING_INDUCTOR = RanksJob(_ring_inductor, 2, timeout=900)
+
+
 def test_ring2_through_inductor_overlaps_transfer_with_attention():
-    ranks = run_on_ranks(_ring_inductor, 2, timeout=900)
+    ranks = RING_INDUCTOR.result()
     assert_ranks_match(ranks, "toy ring2 inductor")
     for result in ranks:
         lines = result["code"].splitlines()

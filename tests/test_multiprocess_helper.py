@@ -101,3 +101,36 @@ def test_a_world_whose_call_failed_is_replaced_and_fresh_runs_apart():
     again = [result["pid"] for result in run_on_ranks(_look_at_the_process, 2)]
     assert not set(after) & set(before), "a world whose call failed is stopped; the next call gets new ranks"
     assert not set(fresh) & set(after) and again == after
+
+
+def _square_of_rank_plus(rank, world_size, offset):
+    return (rank + offset) ** 2
+
+
+def test_a_job_run_ahead_returns_or_raises_what_its_call_would():
+    """RanksJob (tests/conftest.py starts them ahead): a job started in the background gives its own call the
+    results, or the failure, it would have given; a call of another job on that world first collects it."""
+    from tests import multiprocess
+
+    multiprocess.settle_running()
+    plan = multiprocess._run_ahead
+    saved = list(plan.planned), set(plan.started)
+    squares, failing = (multiprocess.RanksJob(_square_of_rank_plus, 2, 1),
+                        multiprocess.RanksJob(_raise_on_rank_one, 2, "deliberate failure ahead"))
+    try:
+        multiprocess.plan_run_ahead([squares, failing])
+        multiprocess.run_ahead()
+        assert multiprocess._reused_worlds[2].running.key == squares.job().key
+        multiprocess.run_ahead()  # one job at a time: the second waits
+        assert multiprocess._reused_worlds[2].running.key == squares.job().key
+        assert run_on_ranks(_look_at_the_process, 2)[0]["sum"] == 2.0  # collects the squares first
+        multiprocess.run_ahead()
+        assert multiprocess._reused_worlds[2].running.key == failing.job().key
+        assert squares.result() == [1, 4]
+        with pytest.raises(RankFailure, match="deliberate failure ahead"):
+            failing.result()
+        assert not {squares.job().key, failing.job().key} & set(multiprocess._run_ahead.outcomes)
+        assert squares.result() == [1, 4]  # asked again, it runs again
+    finally:
+        multiprocess.settle_running()
+        plan.planned, plan.started = saved

@@ -20,7 +20,7 @@ import torch.nn as nn
 from paracompile.mesh import resolve_mesh
 from paracompile.options import Options, parse_options
 from tests.conftest import assert_matches, assert_ranks_match, run_compiled_vs_eager
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import RanksJob
 from tests.toy_dit import ToyDiT, toy_inputs
 
 # ----------------------------------------------------------------------------------------------
@@ -257,9 +257,12 @@ def _strip(value):
     return value
 
 
+TWO_RANKS = RanksJob(_run_cases, 2, list(CASES), timeout=600)
+
+
 @pytest.fixture(scope="module")
 def two_ranks():
-    per_rank = run_on_ranks(_run_cases, 2, list(CASES), timeout=600)
+    per_rank = TWO_RANKS.result()
     return {name: [ranks[name] for ranks in per_rank] for name in CASES}
 
 

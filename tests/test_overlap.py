@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import paracompile.backend as backend
 from tests.conftest import assert_matches
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import RanksJob
 from tests.toy_dit import ToyDiT, toy_inputs
 
 pytestmark = pytest.mark.slow  # every test here spawns process groups
@@ -116,9 +116,12 @@ def _scenarios(rank, world_size):
     return results
 
 
+TWO_RANKS = RanksJob(_scenarios, 2, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def ranks():
-    return run_on_ranks(_scenarios, 2, timeout=900)
+    return TWO_RANKS.result()
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS) + ["inductor", "parallel_block"])

@@ -11,7 +11,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import paracompile.backend as backend
 from paracompile.passes.out_of_place import writes_out_of_place
 from tests import tiny_models
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import RanksJob
 
 aten = torch.ops.aten
 
@@ -105,12 +105,15 @@ def _against_eager(rank, world_size, config, mesh):
         return (case.output(compiled(**inputs)) - want).abs().max().item()
 
 
+AGAINST_EAGER = {config: RanksJob(_against_eager, 2, config, {"ring": 2}, timeout=600) for config in ("int8wo", "int8dyn")}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["int8wo", "int8dyn"])
+@pytest.mark.parametrize("config", list(AGAINST_EAGER))
 def test_quantized_flux_matches_eager(config):
     # int8dyn quantizes each token's activations: ring attention's blockwise softmax can move a value
     # across a rounding boundary, hence the looser bound.
-    errors = run_on_ranks(_against_eager, 2, config, {"ring": 2}, timeout=600)
+    errors = AGAINST_EAGER[config].result()
     assert max(errors) < (1e-5 if config == "int8wo" else 1e-3), errors
 
 
@@ -232,12 +235,15 @@ def _reductions_and_float8_against_eager(rank, world_size):
     return errors
 
 
+REDUCTIONS_AND_FLOAT8 = RanksJob(_reductions_and_float8_against_eager, 2, timeout=900)
+
+
 @pytest.mark.slow
 def test_reductions_over_tokens_and_float8_flux_match_eager():
     """On 2 ranks: the reductions over tokens match eager at uneven sizes, with a rank that holds no token,
     and at a symbolic size; float8 FLUX (per-tensor and per-row scales) matches the same quantized model in
     one process within bf16's resolution."""
-    results = run_on_ranks(_reductions_and_float8_against_eager, 2, timeout=900)
+    results = REDUCTIONS_AND_FLOAT8.result()
     for rank, errors in enumerate(results):
         for name, error in errors.items():
             # Ulysses computes each token's row as one process does; Ring's blockwise softmax in bf16 moves

@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import (assert_attention_split, assert_matches, assert_ranks_match,
                             report_sections, run_compiled_vs_eager, without_callables)
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import RanksJob
 from tests.toy_dit import ToyDiT, toy_inputs
 
 UNEVEN = dict(height=10, width=14)  # 5x7 = 35 image tokens: divisible by neither 2 nor 4
@@ -79,11 +79,13 @@ def _cases(expect=None):
                 ids=[f"ws{world_size}-{name}" for world_size, name in pairs])
 
 
+WORLDS = {world_size: RanksJob(_run_scenarios, world_size, _names(world_size), timeout=600) for world_size in WORLD_SIZES}
+
+
 def _run_world(world_size):
     """Every scenario of one world size in one run_on_ranks call: {scenario: [result per rank]}."""
-    names = _names(world_size)
-    per_rank = run_on_ranks(_run_scenarios, world_size, names, timeout=600)
-    return {name: [ranks[name] for ranks in per_rank] for name in names}
+    per_rank = WORLDS[world_size].result()
+    return {name: [ranks[name] for ranks in per_rank] for name in _names(world_size)}
 
 
 # One module-scoped fixture per world size, looked up by name, so that each runs once however

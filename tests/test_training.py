@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_matches
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import RanksJob
 from tests.toy_dit import ToyDiT, toy_inputs
 
 pytestmark = pytest.mark.slow  # spawns a process group
@@ -151,14 +151,17 @@ def _run(rank, world_size):
     return results
 
 
+WORLD2, WORLD4 = RanksJob(_run, 2, timeout=1200), RanksJob(_run, 4, timeout=1200)
+
+
 @pytest.fixture(scope="module")
 def world2():
-    return run_on_ranks(_run, 2, timeout=1200)
+    return WORLD2.result()
 
 
 @pytest.fixture(scope="module")
 def world4():
-    return run_on_ranks(_run, 4, timeout=1200)
+    return WORLD4.result()
 
 
 @pytest.fixture
