@@ -229,21 +229,10 @@ def compile_whole(gm: fx.GraphModule, example_inputs: list, options: Options) ->
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    patches = inductor_config(attention_kinds(gm), options)
-    return compile_fx(gm, example_inputs, config_patches=patches, decompositions=inductor_decompositions(patches))
+    from paracompile.differentiable import show_inductor_functional_collectives
 
-
-def inductor_decompositions(patches: dict) -> dict:
-    """Inductor's decomposition table (under the graph's config patches, which it depends on), plus
-    paracompile's collectives with a backward as the functional collectives they run: in a training graph,
-    Inductor then keeps them in graph order on every rank (differentiable.py says why)."""
-    from torch._inductor import config as inductor_config_module
-    from torch._inductor.decomposition import select_decomp_table
-
-    from paracompile.differentiable import FUNCTIONAL_COLLECTIVES
-
-    with inductor_config_module.patch(patches):
-        return {**select_decomp_table(), **FUNCTIONAL_COLLECTIVES}
+    show_inductor_functional_collectives()
+    return compile_fx(gm, example_inputs, config_patches=inductor_config(attention_kinds(gm), options))
 
 
 def compile_each_block_once(gm: fx.GraphModule, example_inputs: list, context: CompileContext) -> Optional[Callable]:

@@ -23,8 +23,9 @@ same exact gradients, as single-process autograd gives them.
 
 These are custom ops (`torch.ops.paracompile.*`) with their autograd registered, so the eager graph and
 AOTAutograd (Inductor) both differentiate them. Inductor gets them as the functional collectives they run
-(`FUNCTIONAL_COLLECTIVES`, its decomposition table, applied below autograd when AOTAutograd traces the
-forward and backward): as opaque kernels, its scheduler could order two independent ones differently on two
+(`FUNCTIONAL_COLLECTIVES`, added to its decomposition table and applied below autograd when AOTAutograd
+traces the forward and backward; passed to `compile_fx` as a table of its own instead, they made Inductor
+skip its graph cache, and warm starts lost every graph): as opaque kernels, its scheduler could order two independent ones differently on two
 ranks whose uneven shards give them other sizes (the backward's three all-to-alls of dQ, dK and dV, on 11
 tokens over 2 ranks, crashed gloo with a size mismatch), where a functional collective is chained to the one
 before it in graph order (`decide_global_ordering_of_comms`), as in inference graphs. `SumGradsOverRanks`'
@@ -164,3 +165,17 @@ OPS = torch.ops.paracompile  # the ops above, as graph nodes name them (`OPS.all
 # The collectives above as Inductor should see them (see the module docstring): what each op runs.
 FUNCTIONAL_COLLECTIVES = {OPS.all_gather.default: _all_gather, OPS.reduce_scatter.default: _reduce_scatter,
                           OPS.all_reduce.default: _all_reduce, OPS.all_to_all.default: _all_to_all}
+
+
+def show_inductor_functional_collectives() -> None:
+    """Adds FUNCTIONAL_COLLECTIVES to Inductor's decomposition table, once per process (the backend calls it
+    before each Inductor compile). Inductor caches the table it builds from its registry, so that cache is
+    cleared when an entry is added."""
+    from torch._inductor import decomposition
+
+    missing = {op: run for op, run in FUNCTIONAL_COLLECTIVES.items() if op not in decomposition.decompositions}
+    if missing:
+        decomposition.decompositions.update(missing)
+        cached_table = getattr(decomposition, "fast_random_decomps", None)
+        if hasattr(cached_table, "cache_clear"):
+            cached_table.cache_clear()

@@ -55,8 +55,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_setup(item):
-    """Before each test, an idle machine's next planned world call starts in the background: while this test
-    runs in the test process (one core), the ranks use the other."""
+    """Before each test, if no world is busy, the next planned world call starts in the background: while
+    this test runs in the test process (one core), the ranks use the other."""
     from tests.multiprocess import run_ahead
 
     run_ahead()

@@ -81,6 +81,20 @@ ranks grew past ``_RECYCLE_BYTES`` of memory. ``fresh=True`` (implied by
 start from a new interpreter, such as a cache directory read at the first
 compile, or how a process exits. Setting ``PARACOMPILE_TEST_FRESH_WORLDS=1``
 makes every call fresh, to rule the reuse out when a test fails.
+
+Calls run ahead
+---------------
+A test module names its world calls at import, as module-level ``RanksJob``
+values (``WORLD2 = RanksJob(_run, 2, timeout=900)``; its fixture returns
+``WORLD2.result()``). ``tests/conftest.py`` plans the jobs of the modules with
+selected slow tests, in the order they run (``plan_run_ahead``), and before each
+test starts the next one in the background if no world is busy (``run_ahead``):
+while the test process runs tests of its own, which keep one core busy, the
+ranks use the other. A call finds the results of its job ready or waits for
+them; a failure is raised by the call, as it would have been. A call of another
+job on that world first collects the one running ahead, which keeps its outcome
+for its own call. One job runs ahead at a time. ``PARACOMPILE_TEST_RUN_AHEAD=0``
+turns it off (so does ``PARACOMPILE_TEST_FRESH_WORLDS=1``).
 """
 
 from __future__ import annotations
