@@ -42,16 +42,16 @@ ALL_GATHER = "_c10d_functional.all_gather_into_tensor"
 
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected what they deselect
 def pytest_collection_modifyitems(config, items):
-    """Plan the world calls to start ahead (tests/multiprocess.py, RanksJob): those each module with a selected
-    slow test names at module level, in the order the modules run."""
-    from tests.multiprocess import RanksJob, plan_run_ahead
+    """Plan the world calls to start ahead (tests/multiprocess.py, RanksJob): those of each module with a
+    selected slow test, in the order the modules run."""
+    from tests.multiprocess import plan_run_ahead
 
     modules = []
     for item in items:
         module = getattr(item, "module", None)
-        if module is not None and module not in modules and item.get_closest_marker("slow"):
-            modules.append(module)
-    plan_run_ahead([value for module in modules for value in vars(module).values() if isinstance(value, RanksJob)])
+        if module is not None and module.__name__ not in modules and item.get_closest_marker("slow"):
+            modules.append(module.__name__)
+    plan_run_ahead(modules)
 
 
 def pytest_runtest_setup(item):

@@ -84,10 +84,11 @@ makes every call fresh, to rule the reuse out when a test fails.
 
 Calls run ahead
 ---------------
-A test module names its world calls at import, as module-level ``RanksJob``
-values (``WORLD2 = RanksJob(_run, 2, timeout=900)``; its fixture returns
-``WORLD2.result()``). ``tests/conftest.py`` plans the jobs of the modules with
-selected slow tests, in the order they run (``plan_run_ahead``), and before each
+A test module names its world calls at import, as ``RanksJob`` values
+(``WORLD2 = RanksJob(_run, 2, timeout=900)``; its fixture returns
+``WORLD2.result()``), recorded under the module that defines their function.
+``tests/conftest.py`` plans the jobs of the modules with selected slow tests,
+in the order they run (``plan_run_ahead``), and before each
 test starts the next one in the background if no world is busy (``run_ahead``):
 while the test process runs tests of its own, which keep one core busy, the
 ranks use the other. A call finds the results of its job ready or waits for
@@ -337,11 +338,16 @@ class _ReusedWorld:
         """Send `job` to every rank without waiting for it (the world must be idle)."""
         assert self.running is None, "a reused world runs one call at a time"
         self.running, self.deadline = job, time.monotonic() + job.timeout
-        for connection in self.connections:
-            try:
-                connection.send_bytes(job.message)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # a rank that died is reported by _collect as exited without a result
+        try:
+            for connection in self.connections:
+                try:
+                    connection.send_bytes(job.message)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # a rank that died is reported by _collect as exited without a result
+        except BaseException:
+            self.running = None
+            self.close()  # some ranks may hold the job and others not
+            raise
 
     def finish(self) -> list[Any]:
         """Wait for the running job's results (bounded by its own timeout, counted from its start)."""
@@ -419,8 +425,9 @@ class _Outcome:
 
 
 class RanksJob:
-    """A `run_on_ranks(fn, world_size, *args, timeout=..., **kwargs)` call a test module names at import, as a
-    module-level value, so that the suite can start it ahead (tests/conftest.py): while the test process runs
+    """A `run_on_ranks(fn, world_size, *args, timeout=..., **kwargs)` call a test module makes at import (a
+    module-level value, or one in a module-level dict or list), recorded under the module that defines `fn`,
+    so that the suite can start it ahead (tests/conftest.py): while the test process runs
     tests of its own (one core), the ranks compute in the background on the other, and `result()` then finds
     the results ready, or waits for them. Run ahead or not, `result()` returns what run_on_ranks returns and
     raises what it raises; the world's call is the same (`PARACOMPILE_TEST_RUN_AHEAD=0` turns running ahead
@@ -428,6 +435,7 @@ class RanksJob:
 
     def __init__(self, fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300, **kwargs: Any):
         self.fn, self.world_size, self.args, self.timeout, self.kwargs = fn, world_size, args, timeout, kwargs
+        _run_ahead.named.setdefault(fn.__module__, []).append(self)
 
     def result(self) -> list[Any]:
         return run_on_ranks(self.fn, self.world_size, *self.args, timeout=self.timeout, **self.kwargs)
@@ -442,6 +450,7 @@ class _RunAhead:
     share the work of three processes, not of five."""
 
     def __init__(self):
+        self.named: dict[str, list[RanksJob]] = {}  # module name -> its jobs, in the order it made them
         self.planned: list[_Job] = []
         self.started: set = set()
         self.outcomes: dict = {}
@@ -450,9 +459,9 @@ class _RunAhead:
 _run_ahead = _RunAhead()
 
 
-def plan_run_ahead(jobs: list[RanksJob]) -> None:
-    """The jobs to start ahead, in the order the tests that use them run (tests/conftest.py)."""
-    _run_ahead.planned = [job.job() for job in jobs]
+def plan_run_ahead(modules: list[str]) -> None:
+    """Plan the jobs of these test modules (by name, in the order they run) to start ahead (tests/conftest.py)."""
+    _run_ahead.planned = [job.job() for module in modules for job in _run_ahead.named.get(module, [])]
     _run_ahead.started.clear()
 
 
@@ -460,6 +469,11 @@ def run_ahead() -> None:
     """Start the next planned job no call has taken yet, unless a world is busy (running ahead, or a call)."""
     if _fresh_worlds_only() or os.environ.get("PARACOMPILE_TEST_RUN_AHEAD") == "0":
         return
+    for world_size, world in list(_reused_worlds.items()):
+        # A job that finished is collected now: one nobody asks for (its tests deselected) must not keep
+        # the machine marked busy for the rest of the session.
+        if world.running is not None and all(connection.poll() for connection in world.connections):
+            _settle(world_size)
     if any(world.running is not None for world in _reused_worlds.values() if world.usable):
         return
     for job in _run_ahead.planned:
@@ -486,7 +500,7 @@ def _settle(world_size: int) -> None:
     key = world.running.key
     try:
         _run_ahead.outcomes[key] = _Outcome(results=world.finish())
-    except RankFailure as failure:
+    except Exception as failure:  # raised by the job's own call, not by whichever call collected it
         _run_ahead.outcomes[key] = _Outcome(failure=failure)
 
 
