@@ -24,12 +24,13 @@ same exact gradients, as single-process autograd gives them.
 These are custom ops (`torch.ops.paracompile.*`) with their autograd registered, so the eager graph and
 AOTAutograd (Inductor) both differentiate them. Inductor gets them as the functional collectives they run
 (`FUNCTIONAL_COLLECTIVES`, added to its decomposition table and applied below autograd when AOTAutograd
-traces the forward and backward; passed to `compile_fx` as a table of its own instead, they made Inductor
-skip its graph cache, and warm starts lost every graph): as opaque kernels, its scheduler could order two independent ones differently on two
-ranks whose uneven shards give them other sizes (the backward's three all-to-alls of dQ, dK and dV, on 11
-tokens over 2 ranks, crashed gloo with a size mismatch), where a functional collective is chained to the one
-before it in graph order (`decide_global_ordering_of_comms`), as in inference graphs. `SumGradsOverRanks`'
-bucketed all-reduce runs after the compiled backward, outside Inductor, in the same order on every rank.
+traces the forward and backward), so it chains each to the one before it in graph order
+(`decide_global_ordering_of_comms`), as in inference graphs. As opaque kernels, its scheduler could order two
+independent ones differently on ranks whose uneven shards give them other sizes: the backward's three
+all-to-alls of dQ, dK and dV, on 11 tokens over 2 ranks, crashed gloo with a size mismatch. (Passed to
+`compile_fx` as a table of its own instead, the decompositions made Inductor skip its graph cache, and warm
+starts lost every graph.) `SumGradsOverRanks`' bucketed all-reduce runs after the compiled backward, outside
+Inductor, in the same order on every rank.
 The ring attention op (ring_kernels.py) stays opaque: its collectives run inside it, in its own fixed order.
 """
 from __future__ import annotations
