@@ -7,7 +7,8 @@ write the shards cannot follow), as many as the model needs. A broken token rule
 gather or a replicated attention."""
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -90,15 +91,50 @@ def _model(name):
     return case.build(), case.make_inputs()
 
 
+class Traced(NamedTuple):
+    aten_graphs: list  # the aten trace (trace_to_aten) of each Dynamo graph with attention, for planning by hand
+    reports: dict  # mesh key -> the backend's report of the last graph it rewrote on that mesh
+
+
+def _mesh_key(mesh: dict) -> tuple:
+    return tuple(sorted(mesh.items()))
+
+
+@functools.lru_cache(maxsize=None)
+def _traced(name: str, mesh_keys: tuple) -> Traced:
+    """`name` traced by Dynamo once, and inside that trace: each graph's aten trace, and the backend run on each
+    graph on every mesh of `mesh_keys`. Dynamo's graphs do not depend on the mesh, and a Dynamo trace is most of
+    a plan's time, so the checks of one model share it (the aten graphs are only read: a rewrite builds a new
+    graph). Run as rank 0 of the fake world (`fake_rank0`)."""
+    from paracompile import paracompile_backend
+    from paracompile.passes.sharding_plan import attention_nodes
+    from paracompile.passes.trace_to_aten import trace_to_aten
+
+    model, inputs = _model(name)
+    aten_graphs, reports = [], {}
+
+    def capture(gm, example_inputs):
+        aten_graph = trace_to_aten(gm, example_inputs)
+        if attention_nodes(aten_graph.graph):
+            aten_graphs.append(aten_graph)
+        for key in mesh_keys:
+            recorded = len(backend.explanations)
+            paracompile_backend(gm, example_inputs, options={"compiler": "eager", "mesh": dict(key),
+                                                             "check_inputs": "off"})
+            if len(backend.explanations) > recorded:
+                reports[key] = backend.explanations[-1]
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._dynamo.config.patch(DYNAMO_CONFIG.get(name, {})):
+        torch.compile(model, backend=capture)(**inputs)
+    torch._dynamo.reset()
+    return Traced(aten_graphs, reports)
+
+
 def plan_of(name: str, mesh: dict) -> dict:
     """The report's sections for `name` compiled on `mesh`: {"attention": [...], "gathered": [...], ...}."""
-    model, inputs = _model(name)
-    torch._dynamo.reset()
-    backend.explanations.clear()
-    with torch.no_grad(), torch._dynamo.config.patch(DYNAMO_CONFIG.get(name, {})):
-        torch.compile(model, backend="paracompile",
-                      options={"compiler": "eager", "mesh": mesh, "check_inputs": "off"})(**inputs)
-    return report_sections(backend.explanations[-1])
+    return report_sections(_traced(name, PLAN_MESHES.get(name, ())).reports[_mesh_key(mesh)])
 
 
 def assert_plan(sections: dict, name: str, strategy: str) -> None:
@@ -122,8 +158,13 @@ PLANS_CHECKED_IN_THE_WORLD = {"chroma", "cogview3plus", "auraflow", "allegro", "
               "bria_fibo"}
 
 
-@pytest.mark.parametrize("name, mesh", [(name, {"ulysses": 2}) for name in PLANS if name not in PLANS_CHECKED_IN_THE_WORLD]
-                         + [("flux", {"ring": 2}), ("wan_t2v", {"ring": 2})])
+PLAN_CHECKS = ([(name, {"ulysses": 2}) for name in PLANS if name not in PLANS_CHECKED_IN_THE_WORLD]
+               + [("flux", {"ring": 2}), ("wan_t2v", {"ring": 2})])
+# name -> the meshes its plan is checked on, all compiled in the model's one trace (`_traced`)
+PLAN_MESHES = {name: tuple(_mesh_key(mesh) for checked, mesh in PLAN_CHECKS if checked == name) for name, _ in PLAN_CHECKS}
+
+
+@pytest.mark.parametrize("name, mesh", PLAN_CHECKS)
 def test_every_attention_is_sharded_and_the_only_gathers_are_exits(fake_rank0, name, mesh):
     assert_plan(plan_of(name, mesh), name, "ulysses over 2 ranks" if "ulysses" in mesh else "ring over 2 ranks")
 
@@ -131,11 +172,17 @@ def test_every_attention_is_sharded_and_the_only_gathers_are_exits(fake_rank0, n
 def test_a_broken_rule_shows_in_the_plan(fake_rank0, monkeypatch):
     """The check above catches a rule that stops following the token axis: with `add` declining, FLUX's
     residual additions gather their inputs."""
+    from paracompile.mesh import resolve_mesh
+    from paracompile.passes.sharding_plan import plan_sharding
+    from paracompile.passes.ulysses_attention import SequenceAttention
+
+    mesh = resolve_mesh({"ulysses": 2})
+    aten_graph, = _traced("flux", PLAN_MESHES["flux"]).aten_graphs
+    assert len(plan_sharding(aten_graph, 2, SequenceAttention(mesh)).gathers) == PLANS["flux"][1]
     declines = lambda view: None  # noqa: E731
     for overload in sharding_rules.overloads(aten.add):
         monkeypatch.setattr(sharding_rules.REGISTRY[overload], "rule", declines)
-    plan = plan_of("flux", {"ulysses": 2})
-    assert len(plan.get("gathered", [])) > PLANS["flux"][1], plan.get("gathered")
+    assert len(plan_sharding(aten_graph, 2, SequenceAttention(mesh)).gathers) > PLANS["flux"][1]
 
 
 class TableTimesJointQueries(torch.nn.Module):
@@ -301,30 +348,18 @@ def test_ulysses_attention_reads_its_inputs_where_the_exchange_left_them(fake_ra
         assert all(storage in recorder.exchanged for storage in storages)
 
 
-def _sharding_of(model, inputs, mesh: dict, dynamo_config: Optional[dict] = None):
-    """Each Dynamo graph of `model` with attention, planned (sharding_plan.plan_sharding) and rewritten
+def _sharding_of(name: str, mesh: dict):
+    """Each Dynamo graph of `name` with attention, planned (sharding_plan.plan_sharding) and rewritten
     (shard_tokens.TokenShardingRewriter) by hand as the backend would: [(plan, rewriter, report)]."""
     from paracompile.explain import Report
     from paracompile.mesh import resolve_mesh
     from paracompile.passes.shard_tokens import TokenShardingRewriter
-    from paracompile.passes.sharding_plan import attention_nodes, plan_sharding
-    from paracompile.passes.trace_to_aten import trace_to_aten
+    from paracompile.passes.sharding_plan import plan_sharding
     from paracompile.passes.ulysses_attention import SequenceAttention
 
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(trace_to_aten(gm, example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad(), torch._dynamo.config.patch(dynamo_config or {}):
-        torch.compile(model, backend=capture)(**inputs)
     mesh_plan = resolve_mesh(mesh)
     results = []
-    for aten_graph in graphs:
-        if not attention_nodes(aten_graph.graph):
-            continue
+    for aten_graph in _traced(name, PLAN_MESHES.get(name, ())).aten_graphs:
         strategy = SequenceAttention(mesh_plan)
         plan = plan_sharding(aten_graph, mesh_plan.sequence.size, strategy)
         report = Report()
@@ -353,8 +388,7 @@ def test_the_rewrite_does_what_its_plan_says(fake_rank0, name, mesh):
     writes its rotary update into q and k; HunyuanImage's graph breaks leave one graph per block (OmniGen's leave
     its blocks one graph); Latte attends along its frames and within each frame; Mochi's text segment has a
     data-dependent length."""
-    model, inputs = _model(name)
-    graphs = _sharding_of(model, inputs, mesh, DYNAMO_CONFIG.get(name))
+    graphs = _sharding_of(name, mesh)
     assert graphs
     for plan, rewriter, report in graphs:
         actual = {}
@@ -384,13 +418,12 @@ def test_a_source_is_cut_with_the_segments_its_users_need_before_the_rewrite(fak
     runs = []
     original = shard_tokens.TokenShardingRewriter.run
     monkeypatch.setattr(shard_tokens.TokenShardingRewriter, "run", lambda self: runs.append(1) or original(self))
-    model, inputs = _model("toy")
-    (plan, rewriter, report), *_ = _sharding_of(model, inputs, {"ulysses": 2})
+    (plan, rewriter, report), *_ = _sharding_of("toy", {"ulysses": 2})
     assert plan.rounds == 2
     assert any(len(layout.segments) == 2 for layout in plan.cuts.values())
     assert not any("re-split" in reason for _, reason in plan.gathers)
     runs.clear()
-    plan_of("toy", {"ulysses": 2})
+    _report_of(*_model("toy"), {"ulysses": 2})  # the backend's own compile
     assert runs == [1]
 
 

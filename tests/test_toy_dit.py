@@ -154,7 +154,9 @@ def test_head_count_not_divisible_picks_ring_with_auto(request, world_size):
 
 
 @pytest.mark.slow
-def test_world_size_one_inductor_matches_eager():
+def test_world_size_one_inductor_matches_eager_with_exact_gradients():
+    """No mesh: paracompile is plain Inductor (AOTAutograd), nothing is rewritten, and the output and the
+    gradients are eager's."""
     import paracompile.backend as backend
     import torch.distributed as dist
 
@@ -163,17 +165,22 @@ def test_world_size_one_inductor_matches_eager():
     torch.manual_seed(0)
     model = ToyDiT(depth=1).eval()  # one block: Inductor compiles take tens of seconds on CPU
     call_inputs = toy_inputs(**UNEVEN, text_length=7)
+    expected = model(**call_inputs)
+    expected.square().mean().backward()
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
     backend.rewritten_graphs.clear()
     try:
-        with torch.no_grad():
-            expected = model(**call_inputs)
-            # Default compiler: Inductor. Scalar C++ kernels (no vectorisation) compile ~30% faster
-            # on CPU; the paracompile path is the same.
-            compiled = torch.compile(model, backend="paracompile", options={"inductor": SCALAR_CPP})
-            output = compiled(**call_inputs)
+        # Default compiler: Inductor. Scalar C++ kernels (no vectorisation) compile ~30% faster
+        # on CPU; the paracompile path is the same.
+        compiled = torch.compile(model, backend="paracompile", options={"inductor": SCALAR_CPP})
+        output = compiled(**call_inputs)
+        output.square().mean().backward()
     finally:
         torch._dynamo.reset()
-    assert_matches(output, expected, "world size 1, inductor")
+    assert_matches(output.detach(), expected.detach(), "world size 1, inductor")
+    for name, p in model.named_parameters():
+        assert_matches(p.grad, expected_grads[name], f"world size 1, inductor: gradient of {name}")
     assert len(backend.rewritten_graphs) == 0  # nothing to rewrite on one rank
 
 
